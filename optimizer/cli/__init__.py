@@ -1,0 +1,87 @@
+"""The ``exl2opt`` command: a thin typer app. Commands parse, call the library, format.
+
+Errors: library code raises :class:`~optimizer.errors.Exl2optError`; :func:`main` prints its
+message as one line on stderr and exits with its code. ``--debug`` or ``EXL2OPT_DEBUG=1`` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from optimizer import __version__
+from optimizer.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, Exl2optError
+
+app = typer.Typer(
+    name="exl2opt",
+    help="Find the quantized LLM variant and the settings (context, cache, GPU split) that fit your VRAM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    add_completion=False,
+)
+
+_DEBUG = {"on": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"exl2opt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    _DEBUG["on"] = debug or _DEBUG["on"]
+
+
+def _register() -> None:
+    from optimizer.cli import plan as _plan  # noqa: F401  (commands register themselves)
+
+    for name in ("search", "report", "worker"):
+        try:
+            __import__(f"optimizer.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"optimizer.cli.{name}":
+                raise
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script."""
+    _DEBUG["on"] = os.environ.get("EXL2OPT_DEBUG", "") not in ("", "0") or "--debug" in (argv or sys.argv[1:])
+    try:
+        app(args=argv, standalone_mode=False)
+    except Exl2optError as e:
+        if _DEBUG["on"]:
+            raise
+        print(f"exl2opt: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        if _DEBUG["on"]:
+            raise
+        print("exl2opt: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("exl2opt: aborted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if _DEBUG["on"]:
+            raise
+        print(f"exl2opt: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(EXIT_RUNTIME)

@@ -1,0 +1,120 @@
+"""``exl2opt plan`` and ``exl2opt fit``: predictions from metadata only (no GPU, no weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from optimizer.cli import _common as c
+from optimizer.cli import app
+from optimizer.formats import RuntimeOptions
+from optimizer.space import check_caches, enumerate_configs, max_context, plan_rows
+from optimizer.sources import resolve_sources
+from optimizer.tables import breakdown_json, fit_record, plan_record, rich_table, to_csv, to_json
+from optimizer.units import fmt_both
+
+
+def _budget_line(per_device: tuple[int, ...], n: int) -> str:
+    per = per_device if len(per_device) == n else per_device * n
+    return " + ".join(fmt_both(b) for b in per)
+
+
+@app.command()
+def plan(
+    model: list[str] = c.ModelOpt,
+    vram: str = c.VramOpt,
+    gpus: Optional[int] = c.GpusOpt,
+    gpu_split: Optional[str] = c.GpuSplitOpt,
+    ctx: str = c.CtxOpt,
+    cache: Optional[str] = c.CacheOpt,
+    overhead: Optional[str] = c.OverheadOpt,
+    chunk: int = c.ChunkOpt,
+    batch: int = c.BatchOpt,
+    flash_attn: bool = c.FlashOpt,
+    offline: bool = c.OfflineOpt,
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write every configuration to this CSV file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (with per-GPU breakdowns) instead of a table."),
+    only_fits: bool = typer.Option(False, "--fits-only", help="Show only configurations that fit."),
+) -> None:
+    """Predict VRAM per GPU for every variant x context x cache mode, and whether it fits."""
+    budget = c.budget_from(vram=vram, overhead=overhead)
+    split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget)
+    contexts = c.parse_contexts(ctx)
+    caches = c.parse_caches(cache)
+    runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn)
+    variants = resolve_sources(specs=model, hub=c.hub_options(offline=offline))
+    if caches:
+        caches = check_caches(variants, caches)
+    rows = plan_rows(
+        configs=enumerate_configs(variants=variants, contexts=contexts, caches=caches, split=split),
+        budget=budget,
+        runtime=runtime,
+    )
+    records = [plan_record(r) for r in rows]
+    if csv_path is not None:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        csv_path.write_text(to_csv(records))
+    shown = [(r, rec) for r, rec in zip(rows, records) if rec["fits"] or not only_fits]
+    if as_json:
+        print(to_json([{**rec, "devices": breakdown_json(r.verdict)} for r, rec in shown]))
+        return
+    from rich.console import Console
+
+    con = Console()
+    con.print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
+    cols = ["label", "max_seq_len", "cache", "split", "weights_gib", "cache_gib", "per_gpu_gib", "headroom_gib", "fits"]
+    if len({rec['variant'] for _, rec in shown}) > 1 or any(rec["label"] != Path(rec["variant"]).name for _, rec in shown):
+        cols.insert(0, "variant")
+    con.print(rich_table([rec for _, rec in shown], cols))
+    n_fit = sum(1 for rec in records if rec["fits"])
+    con.print(f"{n_fit} of {len(records)} configurations fit." + (f" CSV: {csv_path}" if csv_path else ""))
+
+
+@app.command()
+def fit(
+    model: list[str] = c.ModelOpt,
+    vram: str = c.VramOpt,
+    gpus: Optional[int] = c.GpusOpt,
+    gpu_split: Optional[str] = c.GpuSplitOpt,
+    cache: Optional[str] = c.CacheOpt,
+    overhead: Optional[str] = c.OverheadOpt,
+    chunk: int = c.ChunkOpt,
+    batch: int = c.BatchOpt,
+    flash_attn: bool = c.FlashOpt,
+    offline: bool = c.OfflineOpt,
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the answer to this CSV file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """For each variant and cache mode: the largest context (a multiple of 256) that fits, and how to run it."""
+    budget = c.budget_from(vram=vram, overhead=overhead)
+    split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget)
+    caches = c.parse_caches(cache)
+    runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn)
+    variants = resolve_sources(specs=model, hub=c.hub_options(offline=offline))
+    from optimizer.formats import rules_for
+
+    records = []
+    for v in variants:
+        cms = check_caches([v], caches) if caches else rules_for(v.format).CACHE_MODE_NAMES
+        for cm in cms:
+            records.append(fit_record(max_context(variant=v, cache=cm, split=split, budget=budget, runtime=runtime)))
+    if csv_path is not None:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        csv_path.write_text(to_csv(records))
+    if as_json:
+        print(to_json(records))
+        return
+    from rich.console import Console
+
+    con = Console()
+    con.print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
+    con.print(rich_table(records, ["variant", "label", "cache", "default_ctx", "max_ctx", "total_gib", "headroom_gib"]))
+    best = [r for r in records if r["max_ctx"]]
+    if best:
+        con.print("How to run (ExLlamaV2 0.3.2):")
+        for r in best:
+            con.print(f"  {r['label']} {r['cache']}: {r['run']}", soft_wrap=True)
+    else:
+        con.print("Nothing fits this budget, even at 256 tokens of context.")

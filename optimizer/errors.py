@@ -1,0 +1,98 @@
+"""Typed errors of exl2opt and the one place that maps them to exit codes.
+
+Library code raises these; the CLI (``optimizer.cli``) prints ``str(error)`` as one line on stderr
+and exits with ``error.exit_code``. Nothing else in the package prints errors or calls ``sys.exit``.
+
+Exit codes:
+    2  usage error: the input given on the command line is wrong (bad size, bad path, bad option)
+    1  runtime error: the input is well formed but something failed (network, hub, storage, engine)
+    130 interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class Exl2optError(Exception):
+    """Base class. ``str()`` is a complete one-line message for a person."""
+
+    exit_code: int = EXIT_RUNTIME
+
+
+# ----- usage errors (exit 2): the user can fix the command line -------------------------------
+
+
+class UsageError(Exl2optError):
+    """Input given on the command line is invalid."""
+
+    exit_code = EXIT_USAGE
+
+
+class SizeParseError(UsageError):
+    """A memory size such as ``15GB`` could not be parsed or is not positive."""
+
+
+class BadOptionError(UsageError):
+    """An option value is invalid (unknown cache mode, bad split list, bad context list...)."""
+
+
+class ModelSourceError(UsageError):
+    """A ``--model`` value does not name a usable local directory or Hub repository."""
+
+
+class ModelConfigError(UsageError):
+    """config.json is missing, malformed, or lacks a dimension the VRAM model needs."""
+
+
+class UnsupportedArchitectureError(ModelConfigError):
+    """The architecture is not one exl2opt can size; it is refused by name, never guessed."""
+
+
+class WeightsHeaderError(ModelConfigError):
+    """A safetensors / GGUF header is missing, truncated, malformed or hostile."""
+
+
+# ----- runtime errors (exit 1) -----------------------------------------------------------------
+
+
+class HubError(Exl2optError):
+    """The Hugging Face Hub (or a mirror given by HF_ENDPOINT) could not answer."""
+
+
+class RepoNotFoundError(HubError):
+    """The repository does not exist or is private."""
+
+    exit_code = EXIT_USAGE
+
+
+class RevisionNotFoundError(HubError):
+    """The branch / tag / commit does not exist in the repository."""
+
+    exit_code = EXIT_USAGE
+
+
+class GatedRepoError(HubError):
+    """The repository is gated and no (or an unauthorized) token was available."""
+
+
+class OfflineError(HubError):
+    """No network (or offline mode) and nothing usable in the metadata cache."""
+
+
+class BackendUnavailableError(Exl2optError):
+    """A measurement backend cannot run here (missing extra, no CUDA, no llama.cpp)."""
+
+
+class EvalDataError(Exl2optError):
+    """Evaluation text could not be loaded (offline without --eval-data, unreadable file...)."""
+
+
+class StorageError(Exl2optError):
+    """The Optuna storage could not be opened or reached."""
+
+
+class StudyError(Exl2optError):
+    """The study cannot run as asked (no feasible configuration, mismatched study...)."""

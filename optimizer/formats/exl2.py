@@ -1,0 +1,312 @@
+"""ExLlamaV2 0.3.2 (exl2) memory rules: from a variant's metadata to a :class:`~optimizer.vram.MemoryPlan`.
+
+Every rule below is read from the exllamav2 0.3.2 sources and checked by the oracle tests
+(``tests/test_oracle_exllamav2.py``) against the library's own ``weight_footprint()``,
+``scratch_space_fixed()`` and cache ``footprint()``:
+
+* Weights: the exact bytes of each stored tensor (safetensors header), grouped into the modules
+  ExLlamaV2 builds (attention with its pre/post norms, MLP with its norms, final norm, ``lm_head``).
+  The token embedding stays in system RAM and is excluded.
+* KV cache per attention layer: K and V of shape ``(B, S, Hkv, D)`` at the cache's bits per element,
+  plus FP16 scales ``(B, S, Hkv, D/32)`` for Q caches; Q caches round ``S`` up to ``q_block``, the
+  smallest n with ``Hkv*D*n % 512 == 0``. Quantized caches (FP8, Q8, Q6, Q4) also keep one FP16
+  K and V staging tensor ``(B, S, Hkv, D)`` per device that holds cache layers.
+* Scratch: ``scratch_space_fixed()`` per module (attention, MLP, MoE MLP, ``lm_head``); the device
+  allocates the maximum over its modules (manual split) or over all modules (autosplit).
+* RoPE: FP16 sin and cos tables of ``config.max_seq_len x rot_dim`` per device and per RoPE base.
+* Transient (not checked by the oracle, a documented approximation): the residual stream and the
+  query/output activations of one ``max_input_len`` chunk, the chunk's logits on the head device,
+  and, without flash-attention, SDPA's ``repeat_kv`` copies of K and V over the whole context.
+* Overhead: the CUDA context and allocator slack, a constant per GPU (``DEFAULT_OVERHEAD_BYTES``,
+  overridable) that ExLlamaV2 itself does not model.
+
+Example (Llama-3-8B shapes, FP16 cache, 8192 tokens, one GPU): cache = 32 layers x 2 x 8192 x 8 x
+128 x 2 B = 1 GiB; scratch = the ``lm_head`` dequant buffer 2 x min(4096 x 128256, 512 Mi) B = 1 GiB.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from optimizer.arch import ModelArch
+from optimizer.errors import BadOptionError, ModelConfigError
+from optimizer.variant import TensorInfo
+from optimizer.vram import MIB, MemoryPlan, ModuleCost
+
+FORMAT = "exl2"
+
+
+@dataclass(frozen=True)
+class CacheMode:
+    """One ExLlamaV2 cache class: bits per element of K and V and whether it is quantized.
+
+    ``q_cache`` caches (Q4/Q6/Q8) add FP16 scales per 32 elements and round the length to q_block;
+    every ``staged`` cache keeps FP16 staging tensors per device.
+    """
+
+    name: str
+    cls: str
+    k_bits: int
+    v_bits: int
+    q_cache: bool
+    staged: bool
+
+    def bytes_per_token_layer(self, kv_dim: int) -> float:
+        """Average bytes of K+V (+scales) per token per layer, ignoring staging and rounding."""
+        scales = 2 * 2 * kv_dim / 32 if self.q_cache else 0
+        return kv_dim * (self.k_bits + self.v_bits) / 8 + scales
+
+
+CACHE_MODES: dict[str, CacheMode] = {
+    "fp16": CacheMode("fp16", "ExLlamaV2Cache", 16, 16, q_cache=False, staged=False),
+    "fp8": CacheMode("fp8", "ExLlamaV2Cache_8bit", 8, 8, q_cache=False, staged=True),
+    "q8": CacheMode("q8", "ExLlamaV2Cache_Q8", 8, 8, q_cache=True, staged=True),
+    "q6": CacheMode("q6", "ExLlamaV2Cache_Q6", 8, 4, q_cache=True, staged=True),
+    "q4": CacheMode("q4", "ExLlamaV2Cache_Q4", 4, 4, q_cache=True, staged=True),
+}
+
+#: Q-cache block: ``Hkv * D * q_block`` must be a multiple of this (``Q_CACHE_BLOCKSIZE_Q``).
+Q_CACHE_BLOCKSIZE = 512
+
+#: ExLlamaV2Config defaults (``exllamav2/config.py``).
+DEFAULT_MAX_INPUT_LEN = 2048
+DEFAULT_MAX_DQ_SIZE = 512 * 1024**2  # elements
+
+#: CUDA context + cuBLAS workspace + allocator slack per GPU, bytes. Not modelled by ExLlamaV2;
+#: a few hundred MiB on current drivers. Override per GPU with ``--overhead``.
+DEFAULT_OVERHEAD_BYTES = 400 * MIB
+
+
+def cache_mode(name: str) -> CacheMode:
+    """Look up a cache mode by name (``fp16``, ``fp8``, ``q8``, ``q6``, ``q4``)."""
+    try:
+        return CACHE_MODES[name.lower()]
+    except KeyError:
+        raise BadOptionError(
+            f"unknown cache mode {name!r} (choose from {', '.join(CACHE_MODES)})"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Exl2Settings:
+    """Runtime settings that change memory. Validated once, at construction.
+
+    Attributes:
+        max_seq_len: cache length in tokens (``ExLlamaV2Cache(max_seq_len=...)``) and
+            ``config.max_seq_len`` (RoPE tables).
+        cache: cache mode name.
+        batch_size: ``config.max_batch_size`` and the cache batch size.
+        max_input_len: prompt chunk length (``config.max_input_len``).
+        max_dq_size: ``config.max_dq_size`` in elements.
+        flash_attn: whether flash-attention is used; without it SDPA copies K/V per query head.
+    """
+
+    max_seq_len: int
+    cache: str = "fp16"
+    batch_size: int = 1
+    max_input_len: int = DEFAULT_MAX_INPUT_LEN
+    max_dq_size: int = DEFAULT_MAX_DQ_SIZE
+    flash_attn: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_seq_len < 1:
+            raise BadOptionError(f"context length must be positive, got {self.max_seq_len}")
+        if self.batch_size < 1 or self.max_input_len < 1:
+            raise BadOptionError("batch size and chunk length must be positive")
+        cache_mode(self.cache)
+
+    @property
+    def chunk_len(self) -> int:
+        """ExLlamaV2 clamps ``max_input_len`` to ``max_seq_len``."""
+        return min(self.max_input_len, self.max_seq_len)
+
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_ATTN_NORMS = ("input_layernorm.", "ln1.")
+_ATTN_POST_NORMS_GEMMA = ("post_attention_layernorm.",)
+
+
+def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo]) -> dict[str, int]:
+    """Bytes per ExLlamaV2 module key, in load order; the embedding is keyed ``embed`` (CPU).
+
+    Tensors outside the language model (vision tower, projector) are dropped: a text-only load
+    never reads them.
+    """
+    prefix = arch.spec.lm_prefix
+    n_layers = arch.num_hidden_layers
+    attn: list[int] = [0] * n_layers
+    mlp: list[int] = [0] * n_layers
+    out: dict[str, int] = {"embed": 0}
+    norm = head = 0
+    gemma_post = arch.spec.residual_fp32  # Gemma 2/3: post_attention_layernorm belongs to attention
+    for t in tensors:
+        name = t.name
+        if prefix:
+            if not name.startswith(prefix):
+                if name.startswith("lm_head."):
+                    head += t.nbytes
+                continue
+            name = name[len(prefix):]
+        if name.startswith("model.embed_tokens."):
+            out["embed"] += t.nbytes
+        elif name.startswith("lm_head."):
+            head += t.nbytes
+        elif name.startswith("model.norm."):
+            norm += t.nbytes
+        else:
+            m = _LAYER_RE.match(name)
+            if not m:
+                continue
+            i, rest = int(m.group(1)), m.group(2)
+            if i >= n_layers:
+                raise ModelConfigError(
+                    f"weights hold layer {i} but config.json says num_hidden_layers = {n_layers}"
+                )
+            if arch.spec.parallel_decoder:
+                attn[i] += t.nbytes
+            elif rest.startswith("self_attn.") or rest.startswith(_ATTN_NORMS) or (
+                gemma_post and rest.startswith(_ATTN_POST_NORMS_GEMMA)
+            ):
+                attn[i] += t.nbytes
+            else:
+                mlp[i] += t.nbytes
+    for i in range(n_layers):
+        out[f"model.layers.{i}.self_attn"] = attn[i]
+        if not arch.spec.parallel_decoder:
+            out[f"model.layers.{i}.mlp"] = mlp[i]
+    out["model.norm"] = norm
+    out["lm_head"] = head
+    return out
+
+
+def _pad32(n: int) -> int:
+    return n + (-n % 32)
+
+
+def _dq(in_f: int, out_f: int, s: Exl2Settings) -> int:
+    """``ExLlamaV2Linear.temp_dq_size()``: 2 bytes x min(in x padded out, max_dq_size)."""
+    return 2 * min(in_f * _pad32(out_f), s.max_dq_size)
+
+
+def attn_scratch(arch: ModelArch, s: Exl2Settings) -> int:
+    """``ExLlamaV2Attention.scratch_space_fixed()`` in bytes."""
+    rows = s.max_input_len * s.batch_size
+    h, q, kv = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.kv_dim
+    temp_state = rows * max(q, h) * 2 + 128
+    temp_dq = max(_dq(h, q, s), _dq(h, kv, s), _dq(q, h, s))
+    return temp_state + temp_dq
+
+
+def mlp_scratch(arch: ModelArch, s: Exl2Settings) -> int:
+    """``ExLlamaV2MLP`` / ``ExLlamaV2MoEMLP`` ``scratch_space_fixed()`` in bytes."""
+    rows = s.max_input_len * s.batch_size
+    h, i = arch.hidden_size, arch.intermediate_size
+    if arch.spec.is_moe:
+        n_exp = arch.num_experts or 0
+        state = rows * h * 2 + 128
+        temp = rows * i * 2 + 128
+        logits = rows * n_exp * 2 + 128
+        dq = max(_dq(h, i, s), _dq(i, h, s))
+        return 2 * state + 2 * temp + logits + dq
+    temp_state = rows * h * 2 + 128
+    temp_ab = rows * max(h, i) * 2 + 128
+    dq = max(_dq(h, i, s), _dq(i, h, s))
+    return temp_state + 2 * temp_ab + dq
+
+
+def head_scratch(arch: ModelArch, s: Exl2Settings) -> int:
+    """Top-level ``lm_head`` ``scratch_space_fixed()``: its dequant buffer only."""
+    return _dq(arch.hidden_size, arch.vocab_size, s)
+
+
+def cache_length(arch: ModelArch, mode: CacheMode, seq_len: int) -> int:
+    """Tokens actually allocated: Q caches round up to ``q_block``."""
+    if not mode.q_cache:
+        return seq_len
+    q_block = 1
+    while (arch.kv_dim * q_block) % Q_CACHE_BLOCKSIZE:
+        q_block += 1
+    return -(-seq_len // q_block) * q_block
+
+
+def cache_layer_bytes(arch: ModelArch, s: Exl2Settings) -> int:
+    """Bytes of one attention layer's K, V (and scales) for settings ``s``."""
+    mode = cache_mode(s.cache)
+    n = s.batch_size * cache_length(arch, mode, s.max_seq_len)
+    kv = arch.kv_dim
+    k = n * kv * mode.k_bits // 8
+    v = n * kv * mode.v_bits // 8
+    scales = 2 * (n * kv // 32) * 2 if mode.q_cache else 0
+    return k + v + scales
+
+
+def cache_staging_bytes(arch: ModelArch, s: Exl2Settings) -> int:
+    """FP16 K+V staging tensors a quantized cache keeps per device (0 for FP16)."""
+    mode = cache_mode(s.cache)
+    if not mode.staged:
+        return 0
+    n = s.batch_size * cache_length(arch, mode, s.max_seq_len)
+    return 2 * n * arch.kv_dim * 2
+
+
+def rope_bytes(arch: ModelArch, s: Exl2Settings) -> int:
+    """FP16 sin + cos tables ``(max_seq_len, rot_dim)`` per RoPE base, per device."""
+    return arch.spec.rope_bases * 2 * s.max_seq_len * arch.rot_dim * 2
+
+
+def _transients(arch: ModelArch, s: Exl2Settings) -> tuple[int, int, int]:
+    """Peak short-lived bytes while (attention, MLP, head) forward one chunk at full context."""
+    rows = s.chunk_len * s.batch_size
+    res = rows * arch.hidden_size * 2 * (2 if arch.spec.residual_fp32 else 1)
+    q = rows * arch.num_attention_heads * arch.head_dim * 2
+    attn = 2 * res + 2 * q
+    if not s.flash_attn and arch.num_key_value_heads != arch.num_attention_heads:
+        # SDPA path: repeat_kv expands K and V to all query heads over past + chunk.
+        attn += 2 * s.batch_size * arch.num_attention_heads * s.max_seq_len * arch.head_dim * 2
+    mlp = 2 * res
+    head = res + rows * _pad32(arch.vocab_size) * 2
+    return attn, mlp, head
+
+
+def memory_plan(*, arch: ModelArch, tensors: Iterable[TensorInfo], settings: Exl2Settings) -> MemoryPlan:
+    """Describe ``arch`` with ``tensors`` loaded under ``settings`` as bytes per module.
+
+    Raises:
+        ModelConfigError: the tensors do not belong to this architecture.
+    """
+    groups = group_modules(arch, tensors)
+    s = settings
+    a_scr, m_scr, h_scr = attn_scratch(arch, s), mlp_scratch(arch, s), head_scratch(arch, s)
+    a_tr, m_tr, h_tr = _transients(arch, s)
+    if arch.spec.parallel_decoder:
+        a_scr = max(a_scr, m_scr)
+        a_tr = max(a_tr, m_tr)
+    state_size = arch.hidden_size * s.max_input_len * s.batch_size * 2
+    mask_size = s.max_input_len**2 * s.batch_size * 2
+    constant = 2 * (arch.head_dim * s.max_seq_len * 2)
+    modules: list[ModuleCost] = []
+    for key, nbytes in groups.items():
+        if key == "embed":
+            continue
+        if key.endswith(".self_attn"):
+            modules.append(ModuleCost(key, nbytes, a_scr, a_tr, kv_layer=True, plan_bytes=a_scr))
+        elif key.endswith(".mlp"):
+            modules.append(ModuleCost(key, nbytes, m_scr, m_tr, plan_bytes=m_scr))
+        elif key == "lm_head":
+            modules.append(ModuleCost(key, nbytes, h_scr, h_tr, plan_bytes=h_scr))
+        else:
+            modules.append(ModuleCost(key, nbytes, 0, 0))
+    return MemoryPlan(
+        modules=tuple(modules),
+        cache_layer_bytes=cache_layer_bytes(arch, s),
+        cache_staging_bytes=cache_staging_bytes(arch, s),
+        rope_bytes=rope_bytes(arch, s),
+        plan_constant_bytes=constant + state_size + mask_size,
+    )
+
+
+def embedding_bytes(arch: ModelArch, tensors: Iterable[TensorInfo]) -> int:
+    """Bytes of the token embedding, which ExLlamaV2 keeps in system RAM."""
+    return group_modules(arch, tensors)["embed"]

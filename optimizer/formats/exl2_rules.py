@@ -1,0 +1,46 @@
+"""The :class:`~optimizer.formats.FormatRules` of exl2, over ``optimizer.formats.exl2``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from optimizer.arch import ModelArch, parse_arch
+from optimizer.formats import RuntimeOptions
+from optimizer.formats.exl2 import CACHE_MODES, DEFAULT_OVERHEAD_BYTES, Exl2Settings, memory_plan
+from optimizer.variant import Variant
+from optimizer.vram import MemoryPlan
+
+FORMAT = "exl2"
+CACHE_MODE_NAMES: tuple[str, ...] = tuple(CACHE_MODES)
+__all__ = ["FORMAT", "CACHE_MODE_NAMES", "DEFAULT_OVERHEAD_BYTES", "arch_of", "default_context", "variant_plan", "context_step"]
+
+
+@lru_cache(maxsize=256)
+def _arch_cached(variant: Variant) -> ModelArch:
+    return parse_arch(variant.config)
+
+
+def arch_of(variant: Variant) -> ModelArch:
+    """Parsed dimensions of an exl2 variant (cached per variant)."""
+    return _arch_cached(variant)
+
+
+def default_context(variant: Variant) -> int:
+    """``config.max_seq_len`` as ExLlamaV2 reads it (usually ``max_position_embeddings``)."""
+    return arch_of(variant).max_seq_len
+
+
+def context_step() -> int:
+    """ExLlamaV2's dynamic generator needs cache lengths that are multiples of 256."""
+    return 256
+
+
+def variant_plan(variant: Variant, *, max_seq_len: int, cache: str, runtime: RuntimeOptions) -> MemoryPlan:
+    settings = Exl2Settings(
+        max_seq_len=max_seq_len,
+        cache=cache,
+        batch_size=runtime.batch_size,
+        max_input_len=runtime.chunk_len,
+        flash_attn=runtime.flash_attn,
+    )
+    return memory_plan(arch=arch_of(variant), tensors=variant.tensors, settings=settings)

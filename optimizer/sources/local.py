@@ -1,0 +1,124 @@
+"""Variants from the local file system: one model directory, or a directory of variant directories.
+
+Only config.json and the safetensors *headers* are read, never tensor data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from optimizer.arch import quant_bits
+from optimizer.errors import ModelConfigError, ModelSourceError
+from optimizer.safetensors_header import read_safetensors_header
+from optimizer.variant import Location, TensorInfo, Variant
+
+#: config.json files larger than this are refused (real ones are < 100 kB).
+MAX_CONFIG_BYTES = 4 * 2**20
+
+
+def load_config_bytes(raw: bytes, *, name: str) -> dict[str, Any]:
+    """Parse config.json bytes into a dict, with one clear error for anything malformed."""
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ModelConfigError(f"{name}: config.json is larger than {MAX_CONFIG_BYTES // 2**20} MiB")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelConfigError(f"{name}: config.json is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelConfigError(f"{name}: config.json is nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise ModelConfigError(f"{name}: config.json must be a JSON object")
+    return doc
+
+
+_BPW_RE = re.compile(r"(?:^|[^0-9.])(\d{1,2}(?:[._]\d{1,3})?)bpw", re.IGNORECASE)
+_BRANCH_BPW_RE = re.compile(r"^(\d{1,2})_(\d{1,3})(?:[-_]h(?:b)?(\d))?$", re.IGNORECASE)
+_HB_RE = re.compile(r"[-_]h(?:b)?(\d)(?:$|[-_])", re.IGNORECASE)
+
+
+def bits_from_name(name: str) -> tuple[float | None, int | None]:
+    """(bpw, head_bits) hinted by a branch, repo or directory name such as ``3.0bpw-h6`` or ``6_5``.
+
+    Names are hints only; config.json and header bytes are the truth.
+    """
+    bits: float | None = None
+    m = _BRANCH_BPW_RE.match(name)
+    if m:
+        bits = float(f"{m.group(1)}.{m.group(2)}")
+    else:
+        mb = _BPW_RE.search(name)
+        if mb:
+            bits = float(mb.group(1).replace("_", "."))
+    mh = _HB_RE.search(name + "-")
+    head = int(mh.group(1)) if mh else None
+    return (bits if bits is not None and 1 <= bits <= 16 else None), head
+
+
+def variant_label(config: dict[str, Any], fallback: str) -> str:
+    """``3.0bpw-h6`` from an exl2 ``quantization_config`` or the name, else ``fallback``."""
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "exl2":
+        bits, hb = qc.get("bits"), qc.get("head_bits")
+        if isinstance(bits, (int, float)) and not isinstance(bits, bool):
+            label = f"{float(bits):.2f}".rstrip("0").rstrip(".")
+            label = label if "." in label else f"{label}.0"
+            return f"{label}bpw" + (f"-h{hb}" if isinstance(hb, int) else "")
+    bits, head = bits_from_name(fallback)
+    if bits is not None:
+        return f"{bits:g}".replace(".0", ".0") + ("" if "." in f"{bits:g}" else ".0") + "bpw" + (f"-h{head}" if head else "")
+    return fallback
+
+
+def weight_files(names: list[str]) -> list[str]:
+    """The safetensors shards that hold weights (converter leftovers excluded)."""
+    skip = ("hidden_states.safetensors", "cal_data.safetensors")
+    return sorted(n for n in names if n.endswith(".safetensors") and os.path.basename(n) not in skip)
+
+
+def variant_from_dir(path: Path) -> Variant:
+    """One variant from a directory holding config.json and safetensors shards."""
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelSourceError(f"{path}: no config.json (not a model directory)")
+    try:
+        raw = cfg_path.read_bytes() if cfg_path.stat().st_size <= MAX_CONFIG_BYTES else b"x" * (MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ModelSourceError(f"{cfg_path}: cannot read ({e.strerror})") from None
+    config = load_config_bytes(raw, name=str(path))
+    files = weight_files([p.name for p in path.iterdir() if p.is_file()])
+    if not files:
+        raise ModelSourceError(f"{path}: no .safetensors weight files")
+    tensors: list[TensorInfo] = []
+    for f in files:
+        tensors.extend(read_safetensors_header(path / f))
+    bits, head_bits = quant_bits(config)
+    if bits is None:
+        bits, hb_name = bits_from_name(path.name)
+        head_bits = head_bits if head_bits is not None else hb_name
+    return Variant(
+        format="exl2",
+        label=variant_label(config, path.name),
+        location=Location(kind="local", path=str(path), files=tuple(files)),
+        config=config,
+        tensors=tuple(tensors),
+        bits=bits,
+        head_bits=head_bits,
+    )
+
+
+def discover_local(path: Path) -> list[Variant]:
+    """A model dir gives one variant; a dir of model dirs gives one per subdir (sorted by name)."""
+    if not path.exists():
+        raise ModelSourceError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise ModelSourceError(f"{path}: not a directory")
+    if (path / "config.json").exists():
+        return [variant_from_dir(path)]
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and (p / "config.json").exists())
+    if not subdirs:
+        raise ModelSourceError(f"{path}: no config.json here or in any sub-directory")
+    return [variant_from_dir(p) for p in subdirs]

@@ -1,0 +1,181 @@
+"""The configuration space: variants x context lengths x cache modes x split, and what fits.
+
+This is the one place that decides the default context grid and cache modes; the CLI, the
+planner and the study all ask it. Everything here is pure and cheap (no engine, no network).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from optimizer.errors import BadOptionError
+from optimizer.formats import RuntimeOptions, rules_for
+from optimizer.variant import Variant
+from optimizer.vram import Split, VramVerdict, place
+
+#: Smallest context the automatic grid offers (tokens).
+MIN_AUTO_CONTEXT = 2048
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Usable bytes per GPU and the per-GPU overhead to charge (CUDA context etc.).
+
+    ``per_device`` has one entry per GPU, or a single entry applied to every GPU.
+    ``overhead`` None means "the format's documented default".
+    """
+
+    per_device: tuple[int, ...]
+    overhead: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One point of the search space. ``key`` is stable across runs and processes."""
+
+    variant: Variant
+    max_seq_len: int
+    cache: str
+    split: Split
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant.key}|ctx={self.max_seq_len}|cache={self.cache}|split={self.split.label}"
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """A configuration and its predicted memory."""
+
+    config: Configuration
+    verdict: VramVerdict
+
+
+def auto_contexts(default_ctx: int, *, step: int = 256, floor: int = MIN_AUTO_CONTEXT) -> tuple[int, ...]:
+    """Powers of two from ``floor`` up to the model's default context, plus that context itself."""
+    out: list[int] = []
+    c = floor
+    while c < default_ctx:
+        out.append(c)
+        c *= 2
+    top = default_ctx - default_ctx % step if default_ctx >= step else default_ctx
+    out.append(max(top, 1))
+    return tuple(sorted(set(out)))
+
+
+def evaluate(
+    *,
+    config: Configuration,
+    budget: Budget,
+    runtime: RuntimeOptions = RuntimeOptions(),
+) -> VramVerdict:
+    """Predict the memory of one configuration against ``budget``."""
+    rules = rules_for(config.variant.format)
+    plan = rules.variant_plan(config.variant, max_seq_len=config.max_seq_len, cache=config.cache, runtime=runtime)
+    overhead = budget.overhead if budget.overhead is not None else (rules.DEFAULT_OVERHEAD_BYTES,)
+    return place(plan=plan, split=config.split, budgets=budget.per_device, overhead_bytes=overhead)
+
+
+def check_caches(variants: Sequence[Variant], caches: Iterable[str]) -> tuple[str, ...]:
+    """Validate cache names against every variant's format."""
+    caches = tuple(c.lower() for c in caches)
+    for v in variants:
+        allowed = rules_for(v.format).CACHE_MODE_NAMES
+        bad = [c for c in caches if c not in allowed]
+        if bad:
+            raise BadOptionError(
+                f"unknown cache mode {bad[0]!r} for {v.format} (choose from {', '.join(allowed)})"
+            )
+    return caches
+
+
+def enumerate_configs(
+    *,
+    variants: Sequence[Variant],
+    contexts: Sequence[int] | None,
+    caches: Sequence[str] | None,
+    split: Split,
+) -> list[Configuration]:
+    """Every configuration, variant-major (the order that minimizes model loads).
+
+    ``contexts`` None means the automatic grid per variant; ``caches`` None means every cache
+    mode of the variant's format.
+    """
+    out: list[Configuration] = []
+    for v in variants:
+        rules = rules_for(v.format)
+        ctxs = contexts or auto_contexts(rules.default_context(v), step=rules.context_step())
+        cms = tuple(caches) if caches else rules.CACHE_MODE_NAMES
+        for cache in cms:
+            for ctx in ctxs:
+                out.append(Configuration(variant=v, max_seq_len=int(ctx), cache=cache, split=split))
+    return out
+
+
+def plan_rows(
+    *,
+    configs: Iterable[Configuration],
+    budget: Budget,
+    runtime: RuntimeOptions = RuntimeOptions(),
+) -> list[PlanRow]:
+    """Evaluate every configuration."""
+    return [PlanRow(config=c, verdict=evaluate(config=c, budget=budget, runtime=runtime)) for c in configs]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Largest context that fits for one (variant, cache): ``max_seq_len`` None if not even ``step``."""
+
+    variant: Variant
+    cache: str
+    split: Split
+    max_seq_len: int | None
+    default_ctx: int
+    verdict: VramVerdict | None
+
+
+def max_context(
+    *,
+    variant: Variant,
+    cache: str,
+    split: Split,
+    budget: Budget,
+    runtime: RuntimeOptions = RuntimeOptions(),
+) -> FitResult:
+    """Largest multiple of the format's context step, up to the model's default context, that fits.
+
+    Memory never decreases with context length, so a binary search over multiples of the step is
+    exact with respect to the VRAM model.
+    """
+    rules = rules_for(variant.format)
+    step = rules.context_step()
+    default_ctx = rules.default_context(variant)
+    hi = max(default_ctx // step, 1)
+
+    def verdict(n: int) -> VramVerdict:
+        cfg = Configuration(variant=variant, max_seq_len=n * step, cache=cache, split=split)
+        return evaluate(config=cfg, budget=budget, runtime=runtime)
+
+    best: tuple[int, VramVerdict] | None = None
+    top = verdict(hi)
+    if top.fits:
+        best = (hi, top)
+    else:
+        lo_n, hi_n = 1, hi - 1
+        while lo_n <= hi_n:
+            mid = (lo_n + hi_n) // 2
+            v = verdict(mid)
+            if v.fits:
+                best = (mid, v)
+                lo_n = mid + 1
+            else:
+                hi_n = mid - 1
+    return FitResult(
+        variant=variant,
+        cache=cache,
+        split=split,
+        max_seq_len=best[0] * step if best else None,
+        default_ctx=default_ctx,
+        verdict=best[1] if best else None,
+    )

@@ -1,0 +1,142 @@
+"""Rows for tables, CSV and JSON: plan rows, fit rows. Bytes stay ints; GiB columns are for reading."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any, Iterable, Sequence
+
+from optimizer.space import FitResult, PlanRow
+from optimizer.units import GIB
+from optimizer.vram import Split, VramVerdict
+
+_CACHE_CLASS = {
+    "fp16": "ExLlamaV2Cache",
+    "fp8": "ExLlamaV2Cache_8bit",
+    "q8": "ExLlamaV2Cache_Q8",
+    "q6": "ExLlamaV2Cache_Q6",
+    "q4": "ExLlamaV2Cache_Q4",
+}
+
+
+def _gib(n: int) -> float:
+    return round(n / GIB, 3)
+
+
+def verdict_columns(v: VramVerdict) -> dict[str, Any]:
+    """Totals and per-device columns of a verdict."""
+    row: dict[str, Any] = {
+        "weights_gib": _gib(sum(d.weights for d in v.devices)),
+        "cache_gib": _gib(sum(d.cache + d.cache_staging for d in v.devices)),
+        "total_gib": _gib(v.total),
+        "budget_gib": _gib(v.budget),
+        "headroom_gib": _gib(v.headroom),
+        "fits": v.fits,
+        "per_gpu_gib": ";".join(f"{d.total / GIB:.3f}" for d in v.devices),
+        "total_bytes": v.total,
+        "reason": v.reason,
+    }
+    return row
+
+
+def plan_record(r: PlanRow) -> dict[str, Any]:
+    """One flat CSV/table record of a plan row."""
+    c = r.config
+    return {
+        "format": c.variant.format,
+        "variant": c.variant.source,
+        "label": c.variant.label,
+        "bits": c.variant.bits,
+        "head_bits": c.variant.head_bits,
+        "max_seq_len": c.max_seq_len,
+        "cache": c.cache,
+        "split": c.split.label,
+        **verdict_columns(r.verdict),
+    }
+
+
+def breakdown_json(v: VramVerdict) -> list[dict[str, Any]]:
+    """Per-device itemized breakdown in bytes."""
+    return [
+        {
+            "gpu": d.index,
+            "budget": d.budget,
+            "overhead": d.overhead,
+            "weights": d.weights,
+            "cache": d.cache,
+            "cache_staging": d.cache_staging,
+            "scratch": d.scratch,
+            "rope": d.rope,
+            "transient": d.transient,
+            "total": d.total,
+            "headroom": d.headroom,
+            "modules": d.n_modules,
+            "kv_layers": d.n_kv_layers,
+        }
+        for d in v.devices
+    ]
+
+
+def load_call(split: Split) -> str:
+    """The ExLlamaV2 load call for a split."""
+    if split.mode == "single":
+        return "model.load()"
+    if split.mode == "manual":
+        return f"model.load(gpu_split=[{', '.join(f'{g:g}' for g in split.gpu_split)}])"
+    return "model.load_autosplit(cache)"
+
+
+def run_recipe(*, cache: str, max_seq_len: int, split: Split) -> str:
+    """How to run a configuration with ExLlamaV2 0.3.2, as one line of Python."""
+    cls = _CACHE_CLASS.get(cache, cache)
+    lazy = ", lazy=True" if split.mode == "auto" else ""
+    return f"config.max_seq_len = {max_seq_len}; cache = {cls}(model, max_seq_len={max_seq_len}{lazy}); {load_call(split)}"
+
+
+def fit_record(f: FitResult) -> dict[str, Any]:
+    """One flat record of a fit result."""
+    rec: dict[str, Any] = {
+        "format": f.variant.format,
+        "variant": f.variant.source,
+        "label": f.variant.label,
+        "cache": f.cache,
+        "split": f.split.label,
+        "default_ctx": f.default_ctx,
+        "max_ctx": f.max_seq_len,
+        "fits_default": f.max_seq_len is not None and f.max_seq_len >= f.default_ctx - f.default_ctx % 256,
+    }
+    if f.verdict is not None and f.max_seq_len is not None:
+        rec.update({"total_gib": _gib(f.verdict.total), "headroom_gib": _gib(f.verdict.headroom)})
+        rec["run"] = run_recipe(cache=f.cache, max_seq_len=f.max_seq_len, split=f.split) if f.variant.format == "exl2" else ""
+    else:
+        rec.update({"total_gib": None, "headroom_gib": None, "run": ""})
+    return rec
+
+
+def to_csv(records: Sequence[dict[str, Any]]) -> str:
+    """Records as CSV text (header from the first record)."""
+    if not records:
+        return ""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(records[0].keys()), lineterminator="\n")
+    w.writeheader()
+    for r in records:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)
+
+
+def rich_table(records: Iterable[dict[str, Any]], columns: Sequence[str], title: str = "") -> Any:
+    """A rich Table of selected columns (rich imported here, not at start-up)."""
+    from rich.table import Table
+
+    t = Table(title=title or None, show_lines=False)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in records:
+        t.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
+    return t

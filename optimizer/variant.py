@@ -1,0 +1,98 @@
+"""What exl2opt knows about one downloadable variant, from metadata only (never weight data).
+
+A :class:`Variant` is produced by a source (``optimizer.sources``) and consumed by a format's memory
+rules (``optimizer.formats``). It carries the model's config (a plain dict as read from config.json,
+or the equivalent built from a GGUF header), the exact byte size of every stored tensor (from the
+safetensors / GGUF headers), and where the variant lives so a report can say how to download it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One stored tensor. ``nbytes`` is its exact size on disk in bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a variant lives.
+
+    ``kind`` is ``"local"`` (``path`` is a directory or file) or ``"hub"`` (``repo_id`` at
+    ``revision``, resolved to ``commit`` when known; ``subfolder`` for bpw sub-folder layouts).
+    """
+
+    kind: str
+    path: str | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    subfolder: str | None = None
+    files: tuple[str, ...] = ()
+
+    @property
+    def display(self) -> str:
+        """``org/name@revision[/subfolder]`` for the Hub, the path for local variants."""
+        if self.kind == "hub":
+            s = f"{self.repo_id}@{self.revision or 'main'}"
+            return f"{s}/{self.subfolder}" if self.subfolder else s
+        return str(self.path)
+
+    def download_command(self) -> str:
+        """A shell command that fetches exactly this variant (empty for local variants)."""
+        if self.kind != "hub":
+            return ""
+        rev = f" --revision {self.revision}" if self.revision and self.revision != "main" else ""
+        inc = f" --include '{self.subfolder}/*'" if self.subfolder else ""
+        if self.files and not self.subfolder:
+            inc = "".join(f" {f}" for f in self.files)
+        name = (self.repo_id or "model").split("/")[-1]
+        label = self.revision if self.revision and self.revision != "main" else ""
+        local = f"{name}-{label}" if label else name
+        return f"hf download {self.repo_id}{inc}{rev} --local-dir {local}"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One quantized variant (one bpw branch, one repo, one directory or one GGUF file).
+
+    Attributes:
+        format: ``"exl2"`` or ``"gguf"``; selects the memory rules and the backend.
+        label: short human label, e.g. ``"3.0bpw-h6"`` or ``"Q4_0"``.
+        location: where it lives (see :class:`Location`).
+        config: the model config as a plain JSON-like dict (config.json for exl2).
+        tensors: every stored tensor with its exact byte size.
+        bits: nominal bits per weight of the decoder (exl2 ``quantization_config.bits``), if known.
+        head_bits: bits of the output head (exl2 ``head_bits``), if known.
+    """
+
+    format: str
+    label: str
+    location: Location
+    config: Mapping[str, Any] = field(compare=False, hash=False, repr=False)
+    tensors: tuple[TensorInfo, ...] = field(compare=False, hash=False, repr=False)
+    bits: float | None = None
+    head_bits: int | None = None
+
+    @property
+    def source(self) -> str:
+        """Stable display id of the variant: ``repo@revision`` or a path."""
+        return self.location.display
+
+    @property
+    def key(self) -> str:
+        """Stable identity used in studies and reports."""
+        return f"{self.format}:{self.source}"
+
+    @property
+    def total_bytes(self) -> int:
+        """Sum of all stored tensor bytes (the download size of the weights)."""
+        return sum(t.nbytes for t in self.tensors)
