@@ -86,6 +86,14 @@ class BackendUnavailableError(Exl2optError):
     """A measurement backend cannot run here (missing extra, no CUDA, no llama.cpp)."""
 
 
+class EngineError(Exl2optError):
+    """One configuration failed inside a backend (the engine freed the GPU and stays usable)."""
+
+
+class EngineOOMError(EngineError):
+    """A configuration ran out of device memory while loading or measuring (trial reason ``oom``)."""
+
+
 class EvalDataError(Exl2optError):
     """Evaluation text could not be loaded (offline without --eval-data, unreadable file...)."""
 

@@ -6,8 +6,8 @@ from functools import lru_cache
 
 from optimizer.arch import ModelArch, parse_arch
 from optimizer.formats import RuntimeOptions
-from optimizer.formats.exl2 import CACHE_MODES, DEFAULT_OVERHEAD_BYTES, Exl2Settings, memory_plan
-from optimizer.variant import Variant
+from optimizer.formats.exl2 import CACHE_MODES, DEFAULT_OVERHEAD_BYTES, Exl2Settings, group_modules, memory_plan
+from optimizer.variant import TensorInfo, Variant
 from optimizer.vram import MemoryPlan
 
 FORMAT = "exl2"
@@ -35,6 +35,23 @@ def context_step() -> int:
     return 256
 
 
+@lru_cache(maxsize=256)
+def _module_tensors(variant: Variant) -> tuple[TensorInfo, ...]:
+    """The variant's tensors summed per ExLlamaV2 module (one pseudo-tensor each), computed once.
+
+    ``memory_plan`` groups tensors by name on every call; handing it one entry per module instead
+    of thousands of tensors makes a grid evaluation ~20x faster with identical results.
+    """
+    arch = arch_of(variant)
+    p = arch.spec.lm_prefix
+    out = []
+    for key, nbytes in group_modules(arch, variant.tensors).items():
+        name = "model.embed_tokens" if key == "embed" else key
+        name = name if name == "lm_head" else p + name
+        out.append(TensorInfo(name=f"{name}.grouped", dtype="U8", shape=(nbytes,), nbytes=nbytes))
+    return tuple(out)
+
+
 def variant_plan(variant: Variant, *, max_seq_len: int, cache: str, runtime: RuntimeOptions) -> MemoryPlan:
     settings = Exl2Settings(
         max_seq_len=max_seq_len,
@@ -43,4 +60,4 @@ def variant_plan(variant: Variant, *, max_seq_len: int, cache: str, runtime: Run
         max_input_len=runtime.chunk_len,
         flash_attn=runtime.flash_attn,
     )
-    return memory_plan(arch=arch_of(variant), tensors=variant.tensors, settings=settings)
+    return memory_plan(arch=arch_of(variant), tensors=_module_tensors(variant), settings=settings)

