@@ -47,17 +47,25 @@ def header_length(prefix: bytes, *, name: str, file_size: int | None = None) -> 
     return n
 
 
-def parse_header_json(raw: bytes, *, name: str) -> tuple[TensorInfo, ...]:
+def parse_header_json(raw: bytes, *, name: str, data_size: int | None = None) -> tuple[TensorInfo, ...]:
     """Parse and validate the JSON header; return tensors sorted by data offset.
+
+    ``data_size`` is the number of bytes after the header (file size - 8 - header length). When the
+    file holds data (``data_size > 0``) every tensor must lie inside it; header-only files
+    (``data_size`` 0 or None) are not checked against their data.
 
     Raises:
         WeightsHeaderError: invalid JSON, wrong types, unknown dtype, size/shape mismatch,
-            overlapping or negative offsets.
+            overlapping or negative offsets, offsets past the end of the data.
     """
+    if len(raw) > MAX_HEADER_BYTES:
+        raise WeightsHeaderError(f"{name}: safetensors header length {len(raw)} is not plausible")
     try:
         doc: Any = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise WeightsHeaderError(f"{name}: safetensors header is not valid JSON ({type(e).__name__})") from None
+    except ValueError:  # e.g. an integer literal of thousands of digits (int max str digits)
+        raise WeightsHeaderError(f"{name}: safetensors header holds an absurd number literal") from None
     if not isinstance(doc, dict):
         raise WeightsHeaderError(f"{name}: safetensors header is not a JSON object")
     spans: list[tuple[int, int, TensorInfo]] = []
@@ -71,6 +79,10 @@ def parse_header_json(raw: bytes, *, name: str) -> tuple[TensorInfo, ...]:
         if begin < prev_end:
             raise WeightsHeaderError(f"{name}: tensor {info.name!r} overlaps the previous tensor")
         prev_end = end
+    if data_size and prev_end > data_size:
+        raise WeightsHeaderError(
+            f"{name}: tensor data ends at byte {prev_end} but the file holds only {data_size} bytes of data"
+        )
     return tuple(s[2] for s in spans)
 
 
@@ -116,7 +128,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[TensorInfo, .
         raise WeightsHeaderError(f"{name}: cannot read ({e.strerror or e})") from None
     if len(raw) != n:
         raise WeightsHeaderError(f"{name}: safetensors header is truncated")
-    return parse_header_json(raw, name=name)
+    return parse_header_json(raw, name=name, data_size=size - 8 - n)
 
 
 def write_header_only(path: str | os.PathLike[str], tensors: dict[str, tuple[str, tuple[int, ...]]]) -> None:

@@ -69,8 +69,30 @@ def tiny_config(arch: str = "LlamaForCausalLM", **over: Any) -> dict[str, Any]:
         cfg.update(num_local_experts=4, num_experts_per_tok=2)
     if arch == "Qwen3MoeForCausalLM":
         cfg.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, head_dim=64)
+    if arch == "CohereForCausalLM":
+        cfg.update(layer_norm_eps=1e-5, logit_scale=0.0625, tie_word_embeddings=True)
+    if arch == "Gemma2ForCausalLM":
+        cfg.update(head_dim=64, query_pre_attn_scalar=64, sliding_window=512, tie_word_embeddings=True)
+    if arch == "Phi3ForCausalLM":
+        cfg.update(max_position_embeddings=4096, original_max_position_embeddings=4096)
     cfg.update(over)
     return cfg
+
+
+def tiny_gemma3_config(**over: Any) -> dict[str, Any]:
+    """A tiny multimodal Gemma 3 config: language dims nested under ``text_config``."""
+    text = {
+        "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "num_hidden_layers": 2, "vocab_size": 1024, "max_position_embeddings": 4096,
+        "query_pre_attn_scalar": 64, "sliding_window": 512, "rope_theta": 1000000.0,
+    }
+    text.update(over)
+    return {
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "text_config": text,
+        "vision_config": {"hidden_size": 64, "image_size": 64, "patch_size": 16, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "intermediate_size": 128},
+    }
 
 
 def write_model_dir(path: Path, config: dict[str, Any], *, bits: float = 4.0, head_bits: int = 6) -> Path:
@@ -128,21 +150,28 @@ def oracle_model(path: Path, *, max_seq_len: int | None = None, max_input_len: i
     for i, m in enumerate(model.modules):
         if i == 0:  # the embedding, which ExLlamaV2 always keeps in system RAM
             continue
-        key = module_key(m)
+        key = module_key(m, prefix=config.arch.lm_prefix)
         assert key not in fps, key
         fps[key] = m.weight_footprint()
         scr[key] = m.scratch_space_fixed()
     return OracleModel(config, model, fps, scr)
 
 
-def module_key(m: Any) -> str:
-    """exl2opt's key for an ExLlamaV2 module: attention and MLP share ``m.key`` (the layer) there."""
+def module_key(m: Any, *, prefix: str = "") -> str:
+    """exl2opt's key for an ExLlamaV2 module.
+
+    ExLlamaV2 gives attention and MLP the same ``key`` (the layer); exl2opt appends ``.self_attn`` /
+    ``.mlp`` and drops the language-model prefix (Gemma 3: ``language_model.``).
+    """
+    key = str(m.key)
+    if prefix and key.startswith(prefix):
+        key = key[len(prefix):]
     cls = type(m).__name__
     if cls in ("ExLlamaV2Attention", "ExLlamaV2ParallelDecoder"):
-        return f"{m.key}.self_attn"
+        return f"{key}.self_attn"
     if cls in ("ExLlamaV2MLP", "ExLlamaV2MoEMLP"):
-        return f"{m.key}.mlp"
-    return str(m.key)
+        return f"{key}.mlp"
+    return key
 
 
 class FakeDevice:

@@ -21,6 +21,27 @@ def _budget_line(per_device: tuple[int, ...], n: int) -> str:
     return " + ".join(fmt_both(b) for b in per)
 
 
+_PLAN_COLS = {
+    "label": "variant",
+    "max_seq_len": "ctx",
+    "cache": "cache",
+    "split": "split",
+    "weights_gib": "weights GiB",
+    "cache_gib": "cache GiB",
+    "per_gpu_gib": "total GiB/GPU",
+    "headroom_gib": "headroom GiB",
+    "fits": "fits",
+}
+
+
+def _short(rec: dict) -> dict:
+    """A plan record with short column names for the terminal table."""
+    out = {new: rec[old] for old, new in _PLAN_COLS.items()}
+    out["fits"] = "yes" if rec["fits"] else "NO"
+    out["total GiB/GPU"] = rec["per_gpu_gib"].replace(";", " + ")
+    return out
+
+
 @app.command()
 def plan(
     model: list[str] = c.ModelOpt,
@@ -64,10 +85,7 @@ def plan(
 
     con = Console()
     con.print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
-    cols = ["label", "max_seq_len", "cache", "split", "weights_gib", "cache_gib", "per_gpu_gib", "headroom_gib", "fits"]
-    if len({rec['variant'] for _, rec in shown}) > 1 or any(rec["label"] != Path(rec["variant"]).name for _, rec in shown):
-        cols.insert(0, "variant")
-    con.print(rich_table([rec for _, rec in shown], cols))
+    con.print(rich_table([_short(rec) for _, rec in shown], list(_PLAN_COLS.values())))
     n_fit = sum(1 for rec in records if rec["fits"])
     con.print(f"{n_fit} of {len(records)} configurations fit." + (f" CSV: {csv_path}" if csv_path else ""))
 
@@ -110,7 +128,14 @@ def fit(
 
     con = Console()
     con.print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
-    con.print(rich_table(records, ["variant", "label", "cache", "default_ctx", "max_ctx", "total_gib", "headroom_gib"]))
+    for v in variants:
+        con.print(f"{v.label}: {v.source}")
+    con.print(rich_table(
+        [{"variant": r["label"], "cache": r["cache"], "default ctx": r["default_ctx"],
+          "max ctx that fits": r["max_ctx"] or "none", "total GiB": r["total_gib"], "headroom GiB": r["headroom_gib"]}
+         for r in records],
+        ["variant", "cache", "default ctx", "max ctx that fits", "total GiB", "headroom GiB"],
+    ))
     best = [r for r in records if r["max_ctx"]]
     if best:
         con.print("How to run (ExLlamaV2 0.3.2):")

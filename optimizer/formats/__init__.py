@@ -24,11 +24,14 @@ class RuntimeOptions:
         batch_size: sequences per forward (cache batch size).
         chunk_len: prompt chunk length in tokens (ExLlamaV2 ``max_input_len``, llama.cpp ``n_batch``).
         flash_attn: flash-attention available (changes attention transients / allowed caches).
+        n_gpu_layers: llama.cpp layers offloaded to the GPU, output layer first (None = all);
+            ignored by exl2.
     """
 
     batch_size: int = 1
     chunk_len: int = 2048
     flash_attn: bool = False
+    n_gpu_layers: int | None = None
 
 
 class FormatRules(Protocol):

@@ -7,10 +7,13 @@ Every rule below is read from the exllamav2 0.3.2 sources and checked by the ora
 * Weights: the exact bytes of each stored tensor (safetensors header), grouped into the modules
   ExLlamaV2 builds (attention with its pre/post norms, MLP with its norms, final norm, ``lm_head``).
   The token embedding stays in system RAM and is excluded.
-* KV cache per attention layer: K and V of shape ``(B, S, Hkv, D)`` at the cache's bits per element,
-  plus FP16 scales ``(B, S, Hkv, D/32)`` for Q caches; Q caches round ``S`` up to ``q_block``, the
-  smallest n with ``Hkv*D*n % 512 == 0``. Quantized caches (FP8, Q8, Q6, Q4) also keep one FP16
-  K and V staging tensor ``(B, S, Hkv, D)`` per device that holds cache layers.
+* KV cache per attention layer: K and V of shape ``(B, S, Hkv, D // w)`` bytes (``w`` elements per
+  byte: 1 for FP8/Q8 and Q6 keys, 2 for Q4 and Q6 values), plus FP16 scales ``(B, S, Hkv, D // 32)``
+  for Q caches. Q caches do round ``S`` up to ``q_block`` (the smallest n with ``Hkv*D*n % 512 == 0``)
+  but only *after* allocating, so the rounding changes no byte. Quantized caches (FP8, Q8, Q6, Q4)
+  also keep one FP16 K and V staging tensor ``(B, S, Hkv, D)`` per device that holds cache layers.
+* Norms: ExLlamaV2 counts every norm module (RMSNorm, LayerNorm, per-head q/k norms) as
+  ``hidden_size * 2`` bytes whatever its stored shape; the model does the same.
 * Scratch: ``scratch_space_fixed()`` per module (attention, MLP, MoE MLP, ``lm_head``); the device
   allocates the maximum over its modules (manual split) or over all modules (autosplit).
 * RoPE: FP16 sin and cos tables of ``config.max_seq_len x rot_dim`` per device and per RoPE base.
@@ -42,8 +45,8 @@ FORMAT = "exl2"
 class CacheMode:
     """One ExLlamaV2 cache class: bits per element of K and V and whether it is quantized.
 
-    ``q_cache`` caches (Q4/Q6/Q8) add FP16 scales per 32 elements and round the length to q_block;
-    every ``staged`` cache keeps FP16 staging tensors per device.
+    ``q_cache`` caches (Q4/Q6/Q8) add FP16 scales per 32 elements; every ``staged`` cache keeps
+    FP16 staging tensors per device.
     """
 
     name: str
@@ -136,6 +139,7 @@ def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo]) -> dict[str, i
     """
     prefix = arch.spec.lm_prefix
     n_layers = arch.num_hidden_layers
+    norm_bytes = 2 * arch.hidden_size  # ExLlamaV2 RMSNorm/LayerNorm/HeadNorm.weight_footprint()
     attn: list[int] = [0] * n_layers
     mlp: list[int] = [0] * n_layers
     out: dict[str, int] = {"embed": 0}
@@ -149,12 +153,17 @@ def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo]) -> dict[str, i
                     head += t.nbytes
                 continue
             name = name[len(prefix):]
+        nbytes = t.nbytes
+        if name.endswith("norm.weight"):
+            nbytes = norm_bytes
+        elif name.endswith("norm.bias"):
+            nbytes = 0  # LayerNorm.weight_footprint() counts the weight only
         if name.startswith("model.embed_tokens."):
             out["embed"] += t.nbytes
         elif name.startswith("lm_head."):
-            head += t.nbytes
+            head += nbytes
         elif name.startswith("model.norm."):
-            norm += t.nbytes
+            norm += nbytes
         else:
             m = _LAYER_RE.match(name)
             if not m:
@@ -165,13 +174,13 @@ def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo]) -> dict[str, i
                     f"weights hold layer {i} but config.json says num_hidden_layers = {n_layers}"
                 )
             if arch.spec.parallel_decoder:
-                attn[i] += t.nbytes
+                attn[i] += nbytes
             elif rest.startswith("self_attn.") or rest.startswith(_ATTN_NORMS) or (
                 gemma_post and rest.startswith(_ATTN_POST_NORMS_GEMMA)
             ):
-                attn[i] += t.nbytes
+                attn[i] += nbytes
             else:
-                mlp[i] += t.nbytes
+                mlp[i] += nbytes
     for i in range(n_layers):
         out[f"model.layers.{i}.self_attn"] = attn[i]
         if not arch.spec.parallel_decoder:
@@ -222,23 +231,34 @@ def head_scratch(arch: ModelArch, s: Exl2Settings) -> int:
 
 
 def cache_length(arch: ModelArch, mode: CacheMode, seq_len: int) -> int:
-    """Tokens actually allocated: Q caches round up to ``q_block``."""
-    if not mode.q_cache:
-        return seq_len
-    q_block = 1
-    while (arch.kv_dim * q_block) % Q_CACHE_BLOCKSIZE:
-        q_block += 1
-    return -(-seq_len // q_block) * q_block
+    """Tokens allocated per sequence: ``seq_len`` for every mode.
+
+    ``ExLlamaV2Cache_Q`` rounds its ``max_seq_len`` up to ``q_block`` only after its tensors exist
+    (``cache.py`` ``ExLlamaV2Cache_Q.__init__``), so allocation uses the requested length.
+    """
+    del arch, mode
+    return seq_len
+
+
+def _per_byte(bits: int) -> int:
+    """Elements per byte of a cache tensor (``weights_per_element``): 1 at 8 bits, 2 at 4 bits."""
+    return 8 // bits if bits < 8 else 1
 
 
 def cache_layer_bytes(arch: ModelArch, s: Exl2Settings) -> int:
-    """Bytes of one attention layer's K, V (and scales) for settings ``s``."""
+    """Bytes of one attention layer's K, V (and scales) for settings ``s``.
+
+    Mirrors the tensor shapes of ``exllamav2/cache.py``: ``(B, S, Hkv, D // w)`` with integer
+    division, FP16 for ``ExLlamaV2Cache`` and uint8 otherwise; scales ``(B, S, Hkv, D // 32)`` FP16.
+    """
     mode = cache_mode(s.cache)
-    n = s.batch_size * cache_length(arch, mode, s.max_seq_len)
-    kv = arch.kv_dim
-    k = n * kv * mode.k_bits // 8
-    v = n * kv * mode.v_bits // 8
-    scales = 2 * (n * kv // 32) * 2 if mode.q_cache else 0
+    rows = s.batch_size * cache_length(arch, mode, s.max_seq_len) * arch.num_key_value_heads
+    d = arch.head_dim
+    if mode.k_bits == 16:
+        return 2 * rows * d * 2
+    k = rows * (d // _per_byte(mode.k_bits))
+    v = rows * (d // _per_byte(mode.v_bits))
+    scales = 2 * rows * (d // 32) * 2 if mode.q_cache else 0
     return k + v + scales
 
 

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 from optimizer.arch import ModelArch, parse_arch
 
 _BIT_OPTIONS = (2, 3, 4, 5, 6, 8)
+_QK_NORM_ARCHS = frozenset({"Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForConditionalGeneration"})
 
 Tensors = dict[str, tuple[str, tuple[int, ...]]]
 
@@ -74,11 +75,16 @@ def synthesize_arch(arch: ModelArch, *, bits: float, head_bits: int, qkv_bias: b
     h, i, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
     q_out, kv_out = arch.num_attention_heads * d, arch.kv_dim
     t: Tensors = {f"{p}model.embed_tokens.weight": ("F16", (arch.vocab_size, h))}
+    # Norm names as ExLlamaV2's architecture table gives them (``exllamav2/architecture.py``).
     norms = ["input_layernorm", "post_attention_layernorm"]
+    if arch.architecture == "YiForCausalLM":
+        norms = ["ln1", "ln2"]
     if arch.spec.residual_fp32:
         norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     if arch.spec.parallel_decoder:
         norms = ["input_layernorm"]
+    # Per-head q/k norms (``default_use_qk_norm``): Qwen3, Qwen3-MoE, Gemma 3.
+    qk_norm = arch.architecture in _QK_NORM_ARCHS
     for layer in range(arch.num_hidden_layers):
         lk = f"{p}model.layers.{layer}"
         for nm in norms:
@@ -87,6 +93,9 @@ def synthesize_arch(arch: ModelArch, *, bits: float, head_bits: int, qkv_bias: b
         t.update(exl2_linear(f"{lk}.self_attn.k_proj", h, kv_out, bits, bias=qkv_bias))
         t.update(exl2_linear(f"{lk}.self_attn.v_proj", h, kv_out, bits, bias=qkv_bias))
         t.update(exl2_linear(f"{lk}.self_attn.o_proj", q_out, h, bits))
+        if qk_norm:
+            t[f"{lk}.self_attn.q_norm.weight"] = ("F16", (d,))
+            t[f"{lk}.self_attn.k_norm.weight"] = ("F16", (d,))
         if arch.spec.is_moe:
             e_key = "block_sparse_moe" if arch.architecture == "MixtralForCausalLM" else "mlp"
             names = ("w1", "w3", "w2") if e_key == "block_sparse_moe" else ("gate_proj", "up_proj", "down_proj")
@@ -101,7 +110,8 @@ def synthesize_arch(arch: ModelArch, *, bits: float, head_bits: int, qkv_bias: b
             t.update(exl2_linear(f"{lk}.mlp.up_proj", h, i, bits))
             t.update(exl2_linear(f"{lk}.mlp.down_proj", i, h, bits))
     t[f"{p}model.norm.weight"] = ("F16", (h,))
-    t.update(exl2_linear("lm_head", h, arch.vocab_size, _head_bits_eff(head_bits)))
+    # compile.py writes a separately quantized ``<lm_prefix>lm_head`` even for tied embeddings.
+    t.update(exl2_linear(f"{p}lm_head", h, arch.vocab_size, _head_bits_eff(head_bits)))
     return t
 
 

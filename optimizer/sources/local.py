@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.arch import quant_bits
-from optimizer.errors import ModelConfigError, ModelSourceError
+from optimizer.errors import ModelConfigError, ModelSourceError, WeightsHeaderError
 from optimizer.safetensors_header import read_safetensors_header
 from optimizer.variant import Location, TensorInfo, Variant
 
@@ -30,6 +30,8 @@ def load_config_bytes(raw: bytes, *, name: str) -> dict[str, Any]:
         raise ModelConfigError(f"{name}: config.json is not valid JSON ({e})") from None
     except RecursionError:
         raise ModelConfigError(f"{name}: config.json is nested too deeply") from None
+    except ValueError:  # e.g. an integer literal of thousands of digits (int max str digits)
+        raise ModelConfigError(f"{name}: config.json holds an absurd number literal") from None
     if not isinstance(doc, dict):
         raise ModelConfigError(f"{name}: config.json must be a JSON object")
     return doc
@@ -69,7 +71,8 @@ def variant_label(config: dict[str, Any], fallback: str) -> str:
             return f"{label}bpw" + (f"-h{hb}" if isinstance(hb, int) else "")
     bits, head = bits_from_name(fallback)
     if bits is not None:
-        return f"{bits:g}".replace(".0", ".0") + ("" if "." in f"{bits:g}" else ".0") + "bpw" + (f"-h{head}" if head else "")
+        text = f"{bits:g}" + ("" if "." in f"{bits:g}" else ".0")
+        return text + "bpw" + (f"-h{head}" if head else "")
     return fallback
 
 
@@ -79,13 +82,29 @@ def weight_files(names: list[str]) -> list[str]:
     return sorted(n for n in names if n.endswith(".safetensors") and os.path.basename(n) not in skip)
 
 
+_DECODER_LAYER_RE = re.compile(r"(?:^|\.)layers\.\d+\.")
+
+
+def check_tensor_table(tensors: list[TensorInfo], *, name: str) -> None:
+    """Refuse weight headers that cannot be a decoder model (no tensors, no ``layers.N.`` tensor).
+
+    Raises:
+        WeightsHeaderError: the headers hold no tensors or no decoder layer.
+    """
+    if not tensors:
+        raise WeightsHeaderError(f"{name}: the safetensors headers hold no tensors")
+    if not any(_DECODER_LAYER_RE.search(t.name) for t in tensors):
+        raise WeightsHeaderError(f"{name}: the safetensors headers hold no decoder layer ('layers.N.' tensors)")
+
+
 def variant_from_dir(path: Path) -> Variant:
     """One variant from a directory holding config.json and safetensors shards."""
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ModelSourceError(f"{path}: no config.json (not a model directory)")
     try:
-        raw = cfg_path.read_bytes() if cfg_path.stat().st_size <= MAX_CONFIG_BYTES else b"x" * (MAX_CONFIG_BYTES + 1)
+        with open(cfg_path, "rb") as fh:  # bounded read: never more than the cap (+1 to detect excess)
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ModelSourceError(f"{cfg_path}: cannot read ({e.strerror})") from None
     config = load_config_bytes(raw, name=str(path))
@@ -95,6 +114,7 @@ def variant_from_dir(path: Path) -> Variant:
     tensors: list[TensorInfo] = []
     for f in files:
         tensors.extend(read_safetensors_header(path / f))
+    check_tensor_table(tensors, name=str(path))
     bits, head_bits = quant_bits(config)
     if bits is None:
         bits, hb_name = bits_from_name(path.name)

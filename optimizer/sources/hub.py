@@ -1,0 +1,316 @@
+"""Variants from the Hugging Face Hub, from metadata only (never weight data).
+
+For a repo it lists the refs (one branch per bpw is the common layout; the set is never assumed),
+lists each revision's files, and for every directory that holds ``config.json`` and exl2 shards
+(``output*.safetensors``; converter leftovers and stale ``model.safetensors.index.json`` files are
+ignored) downloads config.json (a few kB) and reads each shard's safetensors header with HTTP range
+requests. ``org/name@rev`` looks at that revision only. Sub-folder layouts (``3.0bpw/config.json``)
+give one variant per folder.
+
+Everything read is stored in :class:`~optimizer.sources.cache.MetaCache`; a repeated run reuses it
+per commit sha, and ``offline=True`` or an unreachable Hub falls back to it. The token (``HF_TOKEN``)
+is only handed to huggingface_hub; it is never printed, logged or stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+from urllib.parse import urlparse
+
+from optimizer.arch import quant_bits
+from optimizer.errors import (
+    Exl2optError,
+    GatedRepoError,
+    HubError,
+    ModelConfigError,
+    ModelSourceError,
+    OfflineError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    WeightsHeaderError,
+)
+from optimizer.safetensors_header import MAX_HEADER_BYTES, parse_header_json
+from optimizer.sources import HubOptions, RepoSpec
+from optimizer.sources.cache import MetaCache, default_cache_dir
+from optimizer.sources.local import MAX_CONFIG_BYTES, bits_from_name, load_config_bytes, variant_label
+from optimizer.variant import Location, TensorInfo, Variant
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+_EXL2_SHARD_RE = re.compile(r"^output(-\d{5}-of-\d{5})?\.safetensors$")
+_TRANSPORT_MODULES = ("httpx", "httpcore", "httpx2", "requests", "urllib3", "h11", "h2", "anyio", "ssl", "socket")
+
+
+@dataclass(frozen=True)
+class HubDiscovery:
+    """Result of :func:`discover_hub_detailed`: the variants and where their metadata came from."""
+
+    variants: tuple[Variant, ...]
+    from_cache: bool  #: True when refs/metadata were read from the cache instead of the Hub
+    reason: str = ""  #: why the cache was used ("offline", "network"), empty when online
+
+
+def discover_hub(*, spec: RepoSpec, options: HubOptions) -> list[Variant]:
+    """Every exl2 variant of ``spec`` (all branches, or just ``spec.revision``), without weight data.
+
+    Raises:
+        RepoNotFoundError, RevisionNotFoundError: the repo or revision does not exist (usage, exit 2).
+        GatedRepoError: the repo is gated and no accepted token was given.
+        OfflineError: offline (or the Hub unreachable) and nothing cached for this repo.
+        HubError: any other Hub failure. ModelSourceError: no exl2 variant in the repo/revision.
+        ModelConfigError / WeightsHeaderError: config.json or a shard header is malformed.
+    """
+    return list(discover_hub_detailed(spec=spec, options=options).variants)
+
+
+def discover_hub_detailed(*, spec: RepoSpec, options: HubOptions) -> HubDiscovery:
+    """As :func:`discover_hub`, also saying whether the metadata came from the cache."""
+    cache = MetaCache(root=Path(options.cache_dir).expanduser() if options.cache_dir else default_cache_dir())
+    where = spec.repo_id + (f"@{spec.revision}" if spec.revision else "")
+    if options.offline:
+        cached = _from_cache(spec=spec, cache=cache)
+        if cached is None:
+            raise OfflineError(
+                f"{where}: offline (--offline or HF_HUB_OFFLINE) and no metadata for it is cached in "
+                f"{cache.root}; run once with network access first"
+            )
+        return HubDiscovery(variants=cached, from_cache=True, reason="offline")
+    try:
+        variants = _from_hub(spec=spec, options=options, cache=cache)
+    except OfflineError as e:
+        cached = _from_cache(spec=spec, cache=cache)
+        if cached is None:
+            raise OfflineError(f"{e}; nothing is cached for {where} (use --offline only after one online run)") from None
+        return HubDiscovery(variants=cached, from_cache=True, reason="network")
+    return HubDiscovery(variants=variants, from_cache=False)
+
+
+# ----- online ------------------------------------------------------------------------------------
+
+
+def _host(options: HubOptions) -> str:
+    ep = options.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return urlparse(ep).netloc or ep
+
+
+@contextlib.contextmanager
+def _hub_errors(*, repo_id: str, revision: str | None, options: HubOptions) -> Iterator[None]:
+    """Map huggingface_hub and transport exceptions to exl2opt's typed errors (token never shown)."""
+    from huggingface_hub import errors as he
+
+    where = repo_id + (f"@{revision}" if revision else "")
+    try:
+        yield
+    except Exl2optError:
+        raise
+    except he.GatedRepoError:
+        if options.token:
+            raise GatedRepoError(
+                f"{repo_id} is gated and the token in HF_TOKEN was refused: accept its terms on the Hub with that account"
+            ) from None
+        raise GatedRepoError(f"{repo_id} is gated: accept its terms on the Hub and set HF_TOKEN") from None
+    except he.RepositoryNotFoundError:
+        hint = "" if options.token else " (if it is private, set HF_TOKEN)"
+        raise RepoNotFoundError(f"{repo_id}: repository not found on {_host(options)}{hint}") from None
+    except he.RevisionNotFoundError:
+        raise RevisionNotFoundError(f"{repo_id}: revision {revision!r} not found (list branches on the Hub)") from None
+    except he.OfflineModeIsEnabled:
+        raise OfflineError(f"{where}: huggingface_hub is in offline mode (HF_HUB_OFFLINE)") from None
+    except he.LocalEntryNotFoundError:  # hf_hub_download wraps connection failures in this
+        raise OfflineError(f"{where}: cannot reach {_host(options)}") from None
+    except he.RemoteEntryNotFoundError:
+        raise HubError(f"{where}: a file listed by the Hub could not be fetched (404)") from None
+    except he.SafetensorsParsingError:
+        raise WeightsHeaderError(f"{where}: a safetensors header could not be parsed") from None
+    except he.HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise GatedRepoError(
+                f"{repo_id}: access denied (HTTP {status}); accept its terms on the Hub and set HF_TOKEN "
+                "to a token allowed to read it"
+            ) from None
+        raise HubError(f"{where}: the Hub at {_host(options)} answered HTTP {status}") from None
+    except Exception as e:
+        mod = type(e).__module__.split(".")[0]
+        if isinstance(e, (OSError, TimeoutError)) or mod in _TRANSPORT_MODULES:
+            raise OfflineError(f"{where}: cannot reach {_host(options)} ({type(e).__name__})") from None
+        raise
+
+
+def _api(options: HubOptions) -> HfApi:
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # a progress bar on stderr would break one-line errors
+    return HfApi(endpoint=options.endpoint or None, token=options.token or None, library_name="exl2opt")
+
+
+def _from_hub(*, spec: RepoSpec, options: HubOptions, cache: MetaCache) -> tuple[Variant, ...]:
+    repo = spec.repo_id
+    api = _api(options)
+    with _hub_errors(repo_id=repo, revision=None, options=options):
+        git_refs = api.list_repo_refs(repo)
+    refs: list[dict[str, str | None]] = [
+        {"name": b.name, "kind": "branch", "commit": b.target_commit} for b in git_refs.branches
+    ] + [{"name": t.name, "kind": "tag", "commit": t.target_commit} for t in git_refs.tags]
+    cache.save_refs(repo, refs)
+    if spec.revision is not None:
+        known = {r["name"]: r["commit"] for r in refs}
+        commit = known.get(spec.revision)
+        if commit is None and _SHA_RE.match(spec.revision):
+            commit = spec.revision
+        todo = [(spec.revision, commit)]
+    else:
+        todo = [(str(r["name"]), r["commit"]) for r in refs if r["kind"] == "branch"]
+    variants: list[Variant] = []
+    for rev, commit in todo:
+        docs = cache.load_snapshot_by_commit(repo, commit)
+        if docs is None:
+            docs = _fetch_revision(api=api, repo_id=repo, revision=rev, options=options, cache=cache)
+        cache.save_snapshot(repo, revision=rev, commit=commit, variants=docs)
+        variants.extend(_variant_from_doc(d, repo_id=repo, revision=rev, commit=commit) for d in docs)
+    return _finish(variants, spec=spec)
+
+
+def _fetch_revision(*, api: HfApi, repo_id: str, revision: str, options: HubOptions, cache: MetaCache) -> list[dict[str, Any]]:
+    """Metadata of every exl2 variant at one revision, as cacheable JSON documents."""
+    from huggingface_hub import RepoFile
+
+    with _hub_errors(repo_id=repo_id, revision=revision, options=options):
+        entries = list(api.list_repo_tree(repo_id, revision=revision, recursive=True))
+    sizes = {e.path: int(e.size) for e in entries if isinstance(e, RepoFile)}
+    dirs = sorted({os.path.dirname(p) for p in sizes if os.path.basename(p) == "config.json"})
+    docs: list[dict[str, Any]] = []
+    for d in dirs:
+        shards = sorted(
+            p for p in sizes if os.path.dirname(p) == d and _EXL2_SHARD_RE.match(os.path.basename(p))
+        )
+        if not shards:
+            continue  # e.g. main with README + measurement.json, or a non-exl2 folder
+        where = f"{repo_id}@{revision}" + (f"/{d}" if d else "")
+        if sizes.get(f"{d}/config.json" if d else "config.json", 0) > MAX_CONFIG_BYTES:
+            raise ModelConfigError(f"{where}: config.json is larger than {MAX_CONFIG_BYTES // 2**20} MiB")
+        with _hub_errors(repo_id=repo_id, revision=revision, options=options):
+            cfg_path = api.hf_hub_download(
+                repo_id, "config.json", subfolder=d or None, revision=revision,
+                cache_dir=str(cache.root / "hf-hub"),
+            )
+        try:
+            raw = Path(cfg_path).read_bytes()
+        except OSError as e:
+            raise HubError(f"{where}: downloaded config.json cannot be read ({e.strerror})") from None
+        config = load_config_bytes(raw, name=where)
+        tensors: list[list[Any]] = []
+        for shard in shards:
+            with _hub_errors(repo_id=repo_id, revision=revision, options=options):
+                meta = api.parse_safetensors_file_metadata(repo_id, shard, revision=revision)
+            for t in _tensors_from_meta(meta, name=f"{repo_id}@{revision}:{shard}"):
+                tensors.append([t.name, t.dtype, list(t.shape), t.nbytes])
+        docs.append({
+            "subfolder": d or None,
+            "files": [os.path.basename(s) for s in shards],
+            "file_sizes": {os.path.basename(s): sizes[s] for s in shards},
+            "config": config,
+            "tensors": tensors,
+        })
+    return docs
+
+
+def _tensors_from_meta(meta: Any, *, name: str) -> tuple[TensorInfo, ...]:
+    """Validate huggingface_hub's parsed header with exl2opt's own checks (dtype, sizes, overlaps)."""
+    import json
+
+    header = {
+        k: {"dtype": v.dtype, "shape": list(v.shape), "data_offsets": list(v.data_offsets)}
+        for k, v in meta.tensors.items()
+    }
+    raw = json.dumps(header).encode()
+    if len(raw) > MAX_HEADER_BYTES:
+        raise WeightsHeaderError(f"{name}: safetensors header is implausibly large")
+    return parse_header_json(raw, name=name)
+
+
+# ----- cache -------------------------------------------------------------------------------------
+
+
+def _from_cache(*, spec: RepoSpec, cache: MetaCache) -> tuple[Variant, ...] | None:
+    """Variants from the metadata cache alone, or None when this repo/revision was never cached."""
+    repo = spec.repo_id
+    if spec.revision is not None:
+        hit = cache.load_snapshot_by_revision(repo, spec.revision)
+        if hit is None:
+            docs = cache.load_snapshot_by_commit(repo, spec.revision)
+            if docs is None:
+                return None
+            hit = (spec.revision, docs)
+        commit, docs = hit
+        return _finish([_variant_from_doc(d, repo_id=repo, revision=spec.revision, commit=commit) for d in docs], spec=spec)
+    refs = cache.load_refs(repo)
+    if refs is None:
+        return None
+    variants: list[Variant] = []
+    for r in refs:
+        if r["kind"] != "branch":
+            continue
+        rev = str(r["name"])
+        docs = cache.load_snapshot_by_commit(repo, r["commit"])
+        commit = r["commit"]
+        if docs is None:
+            hit = cache.load_snapshot_by_revision(repo, rev)
+            if hit is None:
+                continue
+            commit, docs = hit
+        variants.extend(_variant_from_doc(d, repo_id=repo, revision=rev, commit=commit) for d in docs)
+    return _finish(variants, spec=spec)
+
+
+# ----- documents -> variants -------------------------------------------------------------------
+
+
+def _variant_from_doc(doc: dict[str, Any], *, repo_id: str, revision: str, commit: str | None) -> Variant:
+    where = f"{repo_id}@{revision}"
+    config = doc.get("config")
+    rows = doc.get("tensors")
+    files = doc.get("files")
+    sub = doc.get("subfolder")
+    if not isinstance(config, dict) or not isinstance(rows, list) or not isinstance(files, list):
+        raise HubError(f"{where}: cached metadata is corrupt; delete the exl2opt cache and retry")
+    try:
+        tensors = tuple(
+            TensorInfo(name=str(n), dtype=str(dt), shape=tuple(int(x) for x in shape), nbytes=int(nb))
+            for n, dt, shape, nb in rows
+        )
+    except (TypeError, ValueError):
+        raise HubError(f"{where}: cached metadata is corrupt; delete the exl2opt cache and retry") from None
+    sub = sub if isinstance(sub, str) and sub else None
+    # name hints: sub-folder, else the branch (unless main), else the repo name
+    hint = sub or (revision if revision != "main" and not _SHA_RE.match(revision) else repo_id.split("/")[-1])
+    bits, head_bits = quant_bits(config)
+    if bits is None:
+        bits, hb_name = bits_from_name(hint)
+        head_bits = head_bits if head_bits is not None else hb_name
+    label = variant_label(config, hint)
+    return Variant(
+        format="exl2",
+        label=label,
+        location=Location(kind="hub", repo_id=repo_id, revision=revision, commit=commit, subfolder=sub,
+                          files=tuple(str(f) for f in files)),
+        config=config,
+        tensors=tensors,
+        bits=bits,
+        head_bits=head_bits,
+    )
+
+
+def _finish(variants: list[Variant], *, spec: RepoSpec) -> tuple[Variant, ...]:
+    if not variants:
+        where = spec.repo_id + (f"@{spec.revision}" if spec.revision else " (any branch)")
+        raise ModelSourceError(f"{where}: no exl2 variant found (config.json with output*.safetensors)")
+    return tuple(sorted(variants, key=lambda v: (v.bits if v.bits is not None else 99.0, v.label, v.source)))
