@@ -25,7 +25,8 @@ def main() -> None:
     base = _median([sys.executable, "-c", "pass"], n)
     helpt = _median([sys.executable, "-m", "optimizer", "--help"], n)
     heavy = subprocess.run(
-        [sys.executable, "-c", "import sys, optimizer.cli; print(sorted(m for m in ('torch','exllamav2','optuna','pandas','huggingface_hub','llama_cpp') if m in sys.modules))"],
+        [sys.executable, "-c", "import sys, optimizer.cli; print(sorted(m for m in "
+         "('torch','exllamav2','optuna','pandas','huggingface_hub','llama_cpp') if m in sys.modules))"],
         check=True, capture_output=True, text=True,
     ).stdout.strip()
     print(f"python -c pass     : {base * 1000:.0f} ms (median of {n})")

@@ -31,6 +31,10 @@ DTYPE_BYTES: dict[str, int] = {
 MAX_HEADER_BYTES = 25_000_000
 #: Largest element count accepted for a single tensor (2**40: far beyond any real model).
 MAX_NUMEL = 2**40
+#: Most tensors accepted in one shard (a 235B MoE exl2 shard holds ~12k; 30B-A3B ~46k per shard).
+#: Checked by a byte count before JSON parsing, so a hostile header cannot make ``json.loads``
+#: build millions of objects.
+MAX_TENSORS = 250_000
 
 
 def header_length(prefix: bytes, *, name: str, file_size: int | None = None) -> int:
@@ -60,6 +64,8 @@ def parse_header_json(raw: bytes, *, name: str, data_size: int | None = None) ->
     """
     if len(raw) > MAX_HEADER_BYTES:
         raise WeightsHeaderError(f"{name}: safetensors header length {len(raw)} is not plausible")
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:
+        raise WeightsHeaderError(f"{name}: safetensors header lists more than {MAX_TENSORS} tensors")
     try:
         doc: Any = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

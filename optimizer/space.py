@@ -6,8 +6,8 @@ planner and the study all ask it. Everything here is pure and cheap (no engine, 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from optimizer.errors import BadOptionError
 from optimizer.formats import RuntimeOptions, rules_for

@@ -86,7 +86,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale(study: "optuna.Study") -> list[int]:
+def sweep_stale(study: optuna.Study) -> list[int]:
     """Fail RUNNING trials started by a dead process on this host; returns their numbers.
 
     Such a trial gets user attribute ``reason = "stale"`` and is retried by the next search.

@@ -8,8 +8,9 @@ safetensors / GGUF headers), and where the variant lives so a report can say how
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)

@@ -132,9 +132,24 @@ class OracleModel:
     scratch: dict[str, int]      # module key -> scratch_space_fixed()
 
 
+_ORACLE_MEMO: dict[tuple[Any, ...], OracleModel] = {}
+
+
 def oracle_model(path: Path, *, max_seq_len: int | None = None, max_input_len: int | None = None,
                  max_batch_size: int | None = None) -> OracleModel:
-    """``ExLlamaV2Config(path).prepare()`` + ``ExLlamaV2(config)`` (no load) and per-module numbers."""
+    """``ExLlamaV2Config(path).prepare()`` + ``ExLlamaV2(config)`` (no load) and per-module numbers.
+
+    Memoized per (path, settings): the files under ``path`` must not change between calls.
+    """
+    memo_key = (str(path), max_seq_len, max_input_len, max_batch_size)
+    if memo_key not in _ORACLE_MEMO:
+        _ORACLE_MEMO[memo_key] = _oracle_model(path, max_seq_len=max_seq_len, max_input_len=max_input_len,
+                                               max_batch_size=max_batch_size)
+    return _ORACLE_MEMO[memo_key]
+
+
+def _oracle_model(path: Path, *, max_seq_len: int | None, max_input_len: int | None,
+                  max_batch_size: int | None) -> OracleModel:
     exl2 = import_exllamav2()
     config = exl2.ExLlamaV2Config(str(path))
     config.prepare()

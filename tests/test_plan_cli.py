@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from exl2_fixtures import TINY_LLAMA, make_exl2_dir
+
 from optimizer.cli import main
 
 

@@ -1,8 +1,8 @@
 """Placement, grid enumeration and max-context search on synthesized exl2 variants."""
 
 import pytest
-
 from exl2_fixtures import TINY_LLAMA, make_exl2_dir
+
 from optimizer.formats import RuntimeOptions
 from optimizer.formats.exl2 import DEFAULT_OVERHEAD_BYTES
 from optimizer.sources.local import discover_local

@@ -24,8 +24,9 @@ Units: bytes for memory, tokens for lengths, seconds for time, tokens/second for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from optimizer.variant import Variant
 from optimizer.vram import Split

@@ -13,19 +13,23 @@ import typer
 from optimizer.errors import BadOptionError
 from optimizer.sources import HubOptions
 from optimizer.space import Budget
-from optimizer.units import parse_size, parse_sizes
+from optimizer.units import parse_sizes
 from optimizer.vram import Split
 
 ModelOpt = typer.Option(..., "--model", "-m", help="Local dir, dir of variant dirs, or Hub repo (org/name[@revision]). Repeatable.")
 VramOpt = typer.Option(..., "--vram", help="VRAM per GPU: 15GB (10^9 B), 15GiB (2^30 B), 15000MiB, or a per-GPU list 24GB,24GB.")
 GpusOpt = typer.Option(None, "--gpus", help="Number of GPUs, autosplit as ExLlamaV2 load_autosplit does.")
 GpuSplitOpt = typer.Option(None, "--gpu-split", help="Manual split: GiB of weights per GPU, as ExLlamaV2's gpu_split (e.g. 10,15).")
-CtxOpt = typer.Option("auto", "--ctx", help="Context lengths, comma-separated (8192,16k), or 'auto' (powers of two up to the model's default).")
+CtxOpt = typer.Option(
+    "auto", "--ctx", help="Context lengths, comma-separated (8192,16k), or 'auto' (powers of two up to the model's default)."
+)
 CacheOpt = typer.Option(None, "--cache", help="Cache modes, comma-separated (exl2: fp16,fp8,q8,q6,q4). Default: all.")
 OverheadOpt = typer.Option(None, "--overhead", help="CUDA context + allocator overhead per GPU (default 400MiB for exl2).")
 ChunkOpt = typer.Option(2048, "--chunk", help="Prompt chunk length in tokens (ExLlamaV2 max_input_len).")
 BatchOpt = typer.Option(1, "--batch", help="Batch size (cache batch and config.max_batch_size).")
-FlashOpt = typer.Option(False, "--flash-attn/--no-flash-attn", help="Assume flash-attention (Ampere+). Without it (e.g. T4), SDPA copies K/V per head.")
+FlashOpt = typer.Option(
+    False, "--flash-attn/--no-flash-attn", help="Assume flash-attention (Ampere+). Without it (e.g. T4), SDPA copies K/V per head."
+)
 OfflineOpt = typer.Option(False, "--offline", help="Use only cached Hub metadata; no network.")
 
 

@@ -10,10 +10,12 @@ import typer
 from optimizer.cli import _common as c
 from optimizer.cli import app
 from optimizer.formats import RuntimeOptions
-from optimizer.space import check_caches, enumerate_configs, max_context, plan_rows
 from optimizer.sources import resolve_sources
+from optimizer.space import Budget, Configuration, check_caches, enumerate_configs, evaluate, max_context, plan_rows
 from optimizer.tables import breakdown_json, fit_record, plan_record, rich_table, to_csv, to_json
 from optimizer.units import fmt_both
+from optimizer.variant import Variant
+from optimizer.vram import Split
 
 
 def _budget_line(per_device: tuple[int, ...], n: int) -> str:
@@ -77,7 +79,7 @@ def plan(
     if csv_path is not None:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         csv_path.write_text(to_csv(records))
-    shown = [(r, rec) for r, rec in zip(rows, records) if rec["fits"] or not only_fits]
+    shown = [(r, rec) for r, rec in zip(rows, records, strict=True) if rec["fits"] or not only_fits]
     if as_json:
         print(to_json([{**rec, "devices": breakdown_json(r.verdict)} for r, rec in shown]))
         return
@@ -88,6 +90,22 @@ def plan(
     con.print(rich_table([_short(rec) for _, rec in shown], list(_PLAN_COLS.values())))
     n_fit = sum(1 for rec in records if rec["fits"])
     con.print(f"{n_fit} of {len(records)} configurations fit." + (f" CSV: {csv_path}" if csv_path else ""))
+
+
+def _default_line(variant: Variant, *, split: Split, budget: Budget, runtime: RuntimeOptions) -> str:
+    """What happens with the engine's defaults: the full context and the default (first) cache mode."""
+    from optimizer.formats import rules_for
+    from optimizer.units import fmt_gib
+
+    rules = rules_for(variant.format)
+    ctx = rules.default_context(variant)
+    cache = rules.CACHE_MODE_NAMES[0]
+    v = evaluate(config=Configuration(variant=variant, max_seq_len=ctx, cache=cache, split=split), budget=budget, runtime=runtime)
+    kv = sum(d.cache + d.cache_staging for d in v.devices)
+    verdict = "fits" if v.fits else "does NOT fit"
+    return (f"default context {ctx} tokens with a {cache} cache: needs {fmt_gib(v.total)} "
+            f"(weights {fmt_gib(sum(d.weights for d in v.devices))}, cache alone {fmt_gib(kv)}) "
+            f"of {fmt_gib(v.budget)}: {verdict}")
 
 
 @app.command()
@@ -130,6 +148,7 @@ def fit(
     con.print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
     for v in variants:
         con.print(f"{v.label}: {v.source}")
+        con.print("  " + _default_line(v, split=split, budget=budget, runtime=runtime), soft_wrap=True)
     con.print(rich_table(
         [{"variant": r["label"], "cache": r["cache"], "default ctx": r["default_ctx"],
           "max ctx that fits": r["max_ctx"] or "none", "total GiB": r["total_gib"], "headroom GiB": r["headroom_gib"]}

@@ -35,7 +35,8 @@ class HubOptions:
     offline: bool = False
 
     def __repr__(self) -> str:  # never show the token
-        return f"HubOptions(endpoint={self.endpoint!r}, token={'***' if self.token else None}, cache_dir={self.cache_dir!r}, offline={self.offline})"
+        tok = "***" if self.token else None
+        return f"HubOptions(endpoint={self.endpoint!r}, token={tok}, cache_dir={self.cache_dir!r}, offline={self.offline})"
 
 
 @dataclass(frozen=True)

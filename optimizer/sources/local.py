@@ -134,6 +134,10 @@ def discover_local(path: Path) -> list[Variant]:
     """A model dir gives one variant; a dir of model dirs gives one per subdir (sorted by name)."""
     if not path.exists():
         raise ModelSourceError(f"{path}: no such file or directory")
+    from optimizer.sources.gguf_local import discover_gguf, is_gguf_path
+
+    if is_gguf_path(path):
+        return discover_gguf(path)
     if not path.is_dir():
         raise ModelSourceError(f"{path}: not a directory")
     if (path / "config.json").exists():
