@@ -53,8 +53,6 @@ class Location:
             return ""
         rev = f" --revision {self.revision}" if self.revision and self.revision != "main" else ""
         inc = f" --include '{self.subfolder}/*'" if self.subfolder else ""
-        if self.files and not self.subfolder:
-            inc = "".join(f" {f}" for f in self.files)
         name = (self.repo_id or "model").split("/")[-1]
         label = self.revision if self.revision and self.revision != "main" else ""
         local = f"{name}-{label}" if label else name

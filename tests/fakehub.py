@@ -72,7 +72,7 @@ def header_only_shard(tensors: dict[str, tuple[str, tuple[int, ...]]]) -> tuple[
 
 
 def exl2_files(bits: float, head_bits: int, *, shards: int = 1, with_qc: bool = True,
-               base: dict[str, Any] | None = None) -> tuple[dict[str, "FakeFile"], int]:
+               base: dict[str, Any] | None = None) -> tuple[dict[str, FakeFile], int]:
     """Files of one exl2 variant (config.json + ``shards`` output shards) and its exact tensor bytes."""
     cfg = exl2_config(bits, head_bits, base=base, with_qc=with_qc)
     table = synthesize(cfg, bits=bits, head_bits=head_bits)
@@ -154,7 +154,7 @@ class FakeHub:
         assert self._server is not None
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def start(self) -> "FakeHub":
+    def start(self) -> FakeHub:
         hub = self
 
         class Handler(_Handler):
@@ -173,7 +173,7 @@ class FakeHub:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

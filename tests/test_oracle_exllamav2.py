@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from oracle_util import (
     REAL_CONFIGS,
     oracle_cache_bytes,
@@ -21,6 +20,7 @@ from oracle_util import (
     tiny_gemma3_config,
     write_model_dir,
 )
+
 from optimizer.arch import parse_arch
 from optimizer.formats.exl2 import Exl2Settings, cache_layer_bytes, cache_staging_bytes, memory_plan
 from optimizer.safetensors_header import read_safetensors_header

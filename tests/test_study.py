@@ -22,7 +22,7 @@ from optimizer.vram import Split
 from exl2_fixtures import TINY_LLAMA, make_exl2_dir
 from fake_engine import FakeBackend, fake_ppl, fake_speed
 
-BITS = (2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+BITS = (3.0, 4.0, 6.0, 8.0)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,7 +43,7 @@ def variants_dir(tmp_path: Path) -> Path:
 def _spec(variants_dir: Path, vram: str = "0.7GiB", **kw) -> SearchSpec:
     return SearchSpec(
         variants=tuple(discover_local(variants_dir)), budget=Budget(per_device=(parse_size(vram),), overhead=(0,)),
-        split=Split(), contexts=kw.pop("contexts", (2048, 4096, 8192, 16384)), caches=kw.pop("caches", ("fp16", "q4", "q8")),
+        split=Split(), contexts=kw.pop("contexts", (2048, 8192, 16384)), caches=kw.pop("caches", ("fp16", "q4", "q8")),
         eval_protocol=EvalProtocol(window=64, n_windows=2, prefill=32, score_chunk=16),
         speed_protocol=SpeedProtocol(context_fill=1024, gen_tokens=16), **kw,
     )
@@ -135,7 +135,7 @@ def test_auto_uses_tpe_when_budget_is_small() -> None:
 
 
 def test_oom_fails_trial_and_study_continues(variants_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FAKE_ENGINE_OOM", "q8@4096")
+    monkeypatch.setenv("FAKE_ENGINE_OOM", "q8@8192")
     spec = _spec(variants_dir)
     res = _run(spec, tmp_path, FakeBackend(), sampler="bruteforce")
     assert res.n_failed > 0 and res.exhausted
@@ -155,7 +155,7 @@ def test_settings_change_is_refused(variants_dir: Path, tmp_path: Path) -> None:
 
 def _search_cmd(models: Path, studies: Path) -> list[str]:
     return [sys.executable, "-m", "optimizer", "search", "--model", str(models), "--vram", "0.7GiB",
-            "--overhead", "0", "--ctx", "2048,4096,8192,16384", "--cache", "fp16,q4,q8", "--study", "k",
+            "--overhead", "0", "--ctx", "2048,8192,16384", "--cache", "fp16,q4,q8", "--study", "k",
             "--root", str(studies), "--eval-data", str(studies.parent / "eval.txt"), "--sampler", "bruteforce",
             "--backend-factory", "fake_engine:fake_backend_factory", "--no-report"]
 

@@ -24,8 +24,9 @@ import os
 import re
 import resource
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from optimizer.backends.base import (
     DeviceMemory,

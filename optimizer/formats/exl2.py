@@ -30,8 +30,8 @@ Example (Llama-3-8B shapes, FP16 cache, 8192 tokens, one GPU): cache = 32 layers
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from optimizer.arch import ModelArch
 from optimizer.errors import BadOptionError, ModelConfigError
@@ -173,9 +173,7 @@ def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo]) -> dict[str, i
                 raise ModelConfigError(
                     f"weights hold layer {i} but config.json says num_hidden_layers = {n_layers}"
                 )
-            if arch.spec.parallel_decoder:
-                attn[i] += nbytes
-            elif rest.startswith("self_attn.") or rest.startswith(_ATTN_NORMS) or (
+            if arch.spec.parallel_decoder or rest.startswith("self_attn.") or rest.startswith(_ATTN_NORMS) or (
                 gemma_post and rest.startswith(_ATTN_POST_NORMS_GEMMA)
             ):
                 attn[i] += nbytes

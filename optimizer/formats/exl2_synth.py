@@ -20,7 +20,8 @@ the target, as the converter's optimizer budgets it. Embedding and norms are FP1
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from optimizer.arch import ModelArch, parse_arch
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from optimizer.errors import BadOptionError, UnsupportedArchitectureError, WeightsHeaderError
 
@@ -43,10 +44,10 @@ MAX_HEADER_BYTES = 256 * 2**20
 DEFAULT_CHUNK_BYTES = 2 * 2**20
 
 # ggml type id -> (name, block size in elements, bytes per block). Mirrors gguf.constants.GGML_QUANT_SIZES
-# (checked in tests) so that header reading needs no numpy.
+# (checked in tests) so that header reading needs no numpy. Q8_1 (a matmul-only type, never stored) is left out.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
-    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36),
+    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
     10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
     14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292), 16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74),
     18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110),

@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from optimizer.arch import quant_bits
@@ -87,7 +88,7 @@ def discover_hub_detailed(*, spec: RepoSpec, options: HubOptions) -> HubDiscover
     except OfflineError as e:
         cached = _from_cache(spec=spec, cache=cache)
         if cached is None:
-            raise OfflineError(f"{e}; nothing is cached for {where} (use --offline only after one online run)") from None
+            raise OfflineError(f"{e}; nothing is cached for {where} yet (one online run fills the cache)") from None
         return HubDiscovery(variants=cached, from_cache=True, reason="network")
     return HubDiscovery(variants=variants, from_cache=False)
 
@@ -139,8 +140,10 @@ def _hub_errors(*, repo_id: str, revision: str | None, options: HubOptions) -> I
         raise HubError(f"{where}: the Hub at {_host(options)} answered HTTP {status}") from None
     except Exception as e:
         mod = type(e).__module__.split(".")[0]
-        if isinstance(e, (OSError, TimeoutError)) or mod in _TRANSPORT_MODULES:
+        if isinstance(e, (ConnectionError, TimeoutError)) or mod in _TRANSPORT_MODULES:
             raise OfflineError(f"{where}: cannot reach {_host(options)} ({type(e).__name__})") from None
+        if isinstance(e, OSError):  # e.g. the metadata cache directory is not writable
+            raise HubError(f"{where}: {type(e).__name__}: {e.strerror or e}") from None
         raise
 
 
@@ -157,9 +160,9 @@ def _from_hub(*, spec: RepoSpec, options: HubOptions, cache: MetaCache) -> tuple
     api = _api(options)
     with _hub_errors(repo_id=repo, revision=None, options=options):
         git_refs = api.list_repo_refs(repo)
-    refs: list[dict[str, str | None]] = [
-        {"name": b.name, "kind": "branch", "commit": b.target_commit} for b in git_refs.branches
-    ] + [{"name": t.name, "kind": "tag", "commit": t.target_commit} for t in git_refs.tags]
+    refs: list[dict[str, str | None]] = []
+    refs += [{"name": b.name, "kind": "branch", "commit": b.target_commit} for b in git_refs.branches]
+    refs += [{"name": t.name, "kind": "tag", "commit": t.target_commit} for t in git_refs.tags]
     cache.save_refs(repo, refs)
     if spec.revision is not None:
         known = {r["name"]: r["commit"] for r in refs}

@@ -1,0 +1,142 @@
+"""``exl2opt worker``: join a study from any process or machine and measure until nothing is left.
+
+Run one worker per GPU (``CUDA_VISIBLE_DEVICES=i exl2opt worker --study S --storage URL``); every
+configuration is measured by exactly one worker (see :mod:`optimizer.distributed`). The first
+worker (or ``exl2opt search``) needs the model options; later workers read them from the study.
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any, Optional
+
+import typer
+
+from optimizer.cli import _common as c
+from optimizer.cli import app
+from optimizer.errors import BackendUnavailableError, BadOptionError
+
+_FORMAT_BACKENDS = {"exl2": "optimizer.backends.exllamav2", "gguf": "optimizer.backends.llamacpp"}
+
+
+def default_backend_factory(variant: Any) -> Any:
+    """The backend of a variant's format (``exl2`` -> ExLlamaV2, ``gguf`` -> llama.cpp)."""
+    mod_name = _FORMAT_BACKENDS.get(variant.format)
+    if mod_name is None:
+        raise BackendUnavailableError(f"no measurement backend for format {variant.format!r}")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        raise BackendUnavailableError(f"the {variant.format} backend is not available ({e.name} is missing)") from None
+    return mod.backend()
+
+
+def load_factory(text: str) -> Any:
+    """``module:attr`` -> the callable (a test hook: ``fake_engine:fake_backend_factory``)."""
+    mod_name, _, attr = text.partition(":")
+    if not mod_name or not attr:
+        raise BadOptionError(f"invalid --backend-factory {text!r}: expected module:attribute")
+    try:
+        return getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise BadOptionError(f"invalid --backend-factory {text!r}: {e}") from None
+
+
+def _sigterm_to_interrupt(_sig: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def worker(
+    study: str = typer.Option(..., "--study", help="Study name (the same on every worker)."),
+    storage: Optional[str] = typer.Option(
+        None, "--storage", envvar="EXL2OPT_STORAGE",
+        help="Optuna storage URL shared by all workers, e.g. postgresql+psycopg://user:pw@host/db. "
+             "Default: the embedded journal studies/<study>/journal.log (one machine only)."),
+    root: Path = typer.Option(Path("studies"), "--root", help="Directory of study directories."),
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m",
+                                              help="Models (only to create the study; later workers read it)."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="VRAM per GPU (only with --model)."),
+    gpus: Optional[int] = c.GpusOpt,
+    gpu_split: Optional[str] = c.GpuSplitOpt,
+    ctx: str = c.CtxOpt,
+    cache: Optional[str] = c.CacheOpt,
+    min_ctx: int = typer.Option(0, "--min-ctx", help="Smallest context worth measuring (tokens)."),
+    overhead: Optional[str] = c.OverheadOpt,
+    chunk: int = c.ChunkOpt,
+    batch: int = c.BatchOpt,
+    flash_attn: bool = c.FlashOpt,
+    offline: bool = c.OfflineOpt,
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation text (.txt/.parquet); default wikitext-2."),
+    n_trials: Optional[int] = typer.Option(None, "--n-trials", help="Stop after this many measurements by this worker."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop claiming new trials after this many seconds."),
+    heartbeat: int = typer.Option(10, "--heartbeat", help="Seconds between heartbeats (database storages)."),
+    grace: Optional[int] = typer.Option(None, "--grace", help="Seconds without heartbeat before a trial is failed and "
+                                        "retried elsewhere (default 3 x --heartbeat)."),
+    max_retry: int = typer.Option(1, "--max-retry", help="Re-runs of a trial whose worker died."),
+    poll: float = typer.Option(2.0, "--poll", help="Seconds between checks while other workers finish."),
+    backend_factory: Optional[str] = typer.Option(None, "--backend-factory", hidden=True),
+) -> None:
+    """Join a study (create it with --model) and measure configurations until none is left."""
+    from optimizer.distributed import WorkerOptions, load_spec, run_worker, worker_id
+    from optimizer.evaldata import load_eval_text
+
+    if heartbeat < 1 or (grace is not None and grace <= heartbeat) or max_retry < 0 or poll <= 0:
+        raise BadOptionError("need --heartbeat >= 1, --grace > --heartbeat, --max-retry >= 0, --poll > 0")
+    if n_trials is not None and n_trials < 1:
+        raise BadOptionError("--n-trials must be at least 1")
+    options = WorkerOptions(heartbeat_interval=heartbeat, grace_period=grace, max_retry=max_retry, poll_s=poll)
+    if model:
+        if vram is None:
+            raise BadOptionError("--model needs --vram")
+        spec = _spec_from_options(model=model, vram=vram, gpus=gpus, gpu_split=gpu_split, ctx=ctx, cache=cache,
+                                  min_ctx=min_ctx, overhead=overhead, chunk=chunk, batch=batch,
+                                  flash_attn=flash_attn, offline=offline)
+    else:
+        spec = load_spec(study_name=study, storage_url=storage, root=root, options=options)
+    factory = load_factory(backend_factory) if backend_factory else default_backend_factory
+    me = worker_id()
+
+    def log(msg: str) -> None:
+        print(f"[{me}] {msg}", file=sys.stderr, flush=True)
+
+    old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    try:
+        res = run_worker(spec=spec, study_name=study, backend_factory=factory,
+                         eval_text=lambda: load_eval_text(path=eval_data), storage_url=storage, root=root,
+                         n_trials=n_trials, timeout=timeout, options=options, log=log)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    print(f"worker {me}: measured {res.n_measured} configuration(s) here; study {study!r}: "
+          f"{res.n_feasible} feasible, {res.n_failed} failed, stop: {res.stop_reason}")
+    where = f" --storage '{_safe(storage)}'" if storage else ""
+    print(f"Report: exl2opt report --study {study}{where}")
+
+
+def _safe(url: str | None) -> str:
+    from optimizer.distributed import safe_url
+
+    return safe_url(url) if url else ""
+
+
+def _spec_from_options(*, model: list[str], vram: str, gpus: Optional[int], gpu_split: Optional[str], ctx: str,
+                       cache: Optional[str], min_ctx: int, overhead: Optional[str], chunk: int, batch: int,
+                       flash_attn: bool, offline: bool) -> Any:
+    from optimizer.formats import RuntimeOptions
+    from optimizer.sources import resolve_sources
+    from optimizer.space import check_caches
+    from optimizer.study import SearchSpec
+
+    budget = c.budget_from(vram=vram, overhead=overhead)
+    split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget)
+    contexts = c.parse_contexts(ctx)
+    caches = c.parse_caches(cache)
+    variants = resolve_sources(specs=model, hub=c.hub_options(offline=offline))
+    if caches:
+        caches = check_caches(variants, caches)
+    return SearchSpec(variants=tuple(variants), budget=budget, split=split, contexts=contexts, caches=caches,
+                      min_ctx=min_ctx, runtime=RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn))
