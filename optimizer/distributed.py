@@ -41,6 +41,7 @@ import hashlib
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,19 +131,22 @@ def open_worker_storage(*, study: str, url: str | None, root: Path = DEFAULT_ROO
 
         return open_storage(study=study, url=url, root=root)
     assert url is not None
+    from optuna.exceptions import ExperimentalWarning
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     last: BaseException | None = None
     delay = 1.0
     for attempt in range(max(options.connect_attempts, 1)):
         try:
-            return RDBStorage(
-                url,
-                engine_kwargs=_rdb_engine_kwargs(url),
-                heartbeat_interval=options.heartbeat_interval,
-                grace_period=options.grace,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=options.max_retry),
-            )
+            with warnings.catch_warnings():  # heartbeat and its retry callback are "experimental" in Optuna
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    engine_kwargs=_rdb_engine_kwargs(url),
+                    heartbeat_interval=options.heartbeat_interval,
+                    grace_period=options.grace,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=options.max_retry),
+                )
         except ImportError as e:
             raise StorageError(f"cannot open {safe_url(url)}: missing database driver ({e.name}); "
                                "pip install 'exl2opt[postgres]'") from None
@@ -282,6 +286,83 @@ class ClaimLock:
             yield
         finally:
             self.release()
+
+
+#: Run locks held by this process: path -> [fd, holders]. Re-entrant per process on purpose: a lock
+#: left behind by a failed run (its frame kept alive by a traceback) must not block the next run of
+#: the same process; the lock only has to keep *other* processes out.
+_HELD_RUN_LOCKS: dict[str, list[int]] = {}
+
+
+class RunLock:
+    """Who may run an *embedded* study (journal or SQLite file) on this machine.
+
+    ``exl2opt search`` (single-process loop) takes it exclusively, every ``exl2opt worker`` shared:
+    workers cooperate with each other, but a second ``search`` (or a worker next to a search, or a
+    search next to workers) is refused with one clear line instead of measuring the same
+    configurations twice. The kernel drops the lock when its process dies. Database storages
+    (PostgreSQL, MySQL) are coordinated by :class:`ClaimLock` instead and need no run lock.
+    """
+
+    def __init__(self, *, lock_dir: Path, study_name: str) -> None:
+        self._path = lock_dir / "run.lock"
+        self._study = study_name
+        self._held = False
+
+    def acquire(self, *, exclusive: bool) -> RunLock:
+        from optimizer.errors import StudyError
+
+        key = str(self._path.resolve())
+        if key in _HELD_RUN_LOCKS:
+            _HELD_RUN_LOCKS[key][1] += 1
+            self._held = True
+            return self
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if exclusive:
+                raise StudyError(
+                    f"study {self._study!r} is already being run by another exl2opt process on this machine; wait "
+                    f"for it, or add a cooperating process with `exl2opt worker --study {self._study}`") from None
+            raise StudyError(
+                f"study {self._study!r} is being run by `exl2opt search` on this machine; wait for it to finish "
+                "(workers can join a study only when no single-process search is running it)") from None
+        _HELD_RUN_LOCKS[key] = [fd, 1]
+        self._held = True
+        return self
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        key = str(self._path.resolve())
+        entry = _HELD_RUN_LOCKS.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _HELD_RUN_LOCKS[key]
+            with contextlib.suppress(OSError):
+                fcntl.flock(entry[0], fcntl.LOCK_UN)
+                os.close(entry[0])
+
+    def __del__(self) -> None:  # safety net when a run ends by an exception before its finally
+        if not self._held:
+            return
+        try:
+            self.release()
+        except Exception:  # noqa: SIM105  (interpreter shutdown: contextlib may be gone; the kernel drops the lock)
+            return
+
+
+def run_lock_for(*, study_name: str, storage_url: str | None, root: Path = DEFAULT_ROOT) -> RunLock | None:
+    """A :class:`RunLock` for embedded storages (None for database servers)."""
+    if storage_url is not None and not storage_url.startswith("sqlite:"):
+        return None
+    return RunLock(lock_dir=study_dir(study=study_name, root=root), study_name=study_name)
 
 
 # ----- heartbeat ---------------------------------------------------------------------------------
@@ -500,7 +581,11 @@ def _create_or_load(storage: Any, study_name: str) -> optuna.Study:
 
         raise StudyError(f"study {study_name!r} exists with other objectives ({e})") from None
     if list(study.metric_names or []) != list(METRIC_NAMES):
-        study.set_metric_names(list(METRIC_NAMES))
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(METRIC_NAMES))
     return study
 
 
@@ -545,6 +630,9 @@ def run_worker(
     storage = open_worker_storage(study=study_name, url=storage_url, root=root, options=options)
     lock = ClaimLock(study_name=study_name, url=storage_url, lock_dir=study_dir(study=study_name, root=root))
     me = worker_id()
+    rlock = run_lock_for(study_name=study_name, storage_url=storage_url, root=root)
+    if rlock is not None:
+        rlock.acquire(exclusive=False)
     st = S._State()
     measured_here = 0
     stop = "exhausted"
@@ -614,6 +702,8 @@ def run_worker(
             with contextlib.suppress(Exception):
                 eng.close()
         lock.close()
+        if rlock is not None:
+            rlock.release()
     done = scan(study, max_retry=options.max_retry)
     n_failed = sum(1 for k, d in done.done.items() if k in feasible_keys and d["status"] == "failed")
     return S.SearchResult(

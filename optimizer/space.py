@@ -78,14 +78,21 @@ def evaluate(
 
 
 def check_caches(variants: Sequence[Variant], caches: Iterable[str]) -> tuple[str, ...]:
-    """Validate cache names against every variant's format."""
+    """Validate cache names against the variants' formats.
+
+    With one format every name must belong to it. With several formats (e.g. exl2 and gguf
+    sources of one model) a name must belong to at least one of them, and each variant is searched
+    with the names of its own format (:func:`enumerate_configs`); a format left with none is an error.
+    """
     caches = tuple(c.lower() for c in caches)
-    for v in variants:
-        allowed = rules_for(v.format).CACHE_MODE_NAMES
+    formats = sorted({v.format for v in variants})
+    for fmt in formats:
+        allowed = rules_for(fmt).CACHE_MODE_NAMES
         bad = [c for c in caches if c not in allowed]
-        if bad:
+        if bad and (len(formats) == 1 or len(bad) == len(caches)
+                    or any(all(c not in rules_for(f).CACHE_MODE_NAMES for f in formats) for c in bad)):
             raise BadOptionError(
-                f"unknown cache mode {bad[0]!r} for {v.format} (choose from {', '.join(allowed)})"
+                f"unknown cache mode {bad[0]!r} for {fmt} (choose from {', '.join(allowed)})"
             )
     return caches
 
@@ -106,7 +113,7 @@ def enumerate_configs(
     for v in variants:
         rules = rules_for(v.format)
         ctxs = contexts or auto_contexts(rules.default_context(v), step=rules.context_step())
-        cms = tuple(caches) if caches else rules.CACHE_MODE_NAMES
+        cms = tuple(c for c in caches if c in rules.CACHE_MODE_NAMES) if caches else rules.CACHE_MODE_NAMES
         for cache in cms:
             for ctx in ctxs:
                 out.append(Configuration(variant=v, max_seq_len=int(ctx), cache=cache, split=split))

@@ -42,6 +42,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -262,6 +263,11 @@ def make_sampler(name: str, *, seed: int | None) -> Any:
     if name == "tpe":
         return optuna.samplers.TPESampler(multivariate=True, seed=seed)
     if name == "gp":
+        try:
+            import scipy  # noqa: F401
+            import torch  # noqa: F401
+        except ImportError as e:
+            raise StudyError(f"--sampler gp needs {e.name} (pip install scipy torch); use --sampler tpe") from None
         return optuna.samplers.GPSampler(seed=seed, deterministic_objective=True)
     if name == "bruteforce":
         return optuna.samplers.BruteForceSampler(seed=seed)
@@ -296,7 +302,9 @@ def open_study(*, study_name: str, storage_url: str | None, root: Path = DEFAULT
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, load_if_exists=True,
                                 directions=["minimize", "maximize", "maximize"])
     if list(study.metric_names or []) != list(METRIC_NAMES):
-        study.set_metric_names(list(METRIC_NAMES))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ExperimentalWarning
+            study.set_metric_names(list(METRIC_NAMES))
     return study
 
 
@@ -324,6 +332,17 @@ def run(
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from optimizer import distributed
+
+    if storage_url is not None and not storage_url.startswith("sqlite:") and sampler in ("auto", "bruteforce"):
+        # a database server shared with other machines: take configurations through the workers'
+        # claim protocol (exactly once each, heartbeats, stale retries); see optimizer.distributed
+        return distributed.run_worker(spec=spec, study_name=study_name, backend_factory=backend_factory,
+                                      eval_text=eval_text, storage_url=storage_url, root=root,
+                                      n_trials=n_trials, timeout=timeout)
+    run_lock = distributed.run_lock_for(study_name=study_name, storage_url=storage_url, root=root)
+    if run_lock is not None:  # a second search on this embedded study is refused with one line
+        run_lock.acquire(exclusive=True)
     t0 = time.monotonic()
     cands = build_space(spec)
     feasible = [c for c in cands if c.verdict.fits]
@@ -333,6 +352,8 @@ def run(
     opt_sampler = make_sampler("tpe" if pre_mode == "enumerate" else pre_mode, seed=seed)
     study = open_study(study_name=study_name, storage_url=storage_url, root=root, sampler=opt_sampler)
     _check_fingerprint(study, spec)
+    if distributed.SPEC_ATTR not in study.user_attrs:  # lets `exl2opt worker --study` join without --model
+        study.set_user_attr(distributed.SPEC_ATTR, distributed.spec_record(spec))
     write_variants(variants=spec.variants, path=study_dir(study=study_name, root=root) / VARIANTS_NAME)
     if "variants" not in study.user_attrs:
         study.set_user_attr("variants", {v.key: variant_summary(v) for v in spec.variants})
@@ -368,16 +389,23 @@ def run(
                 break
             limit = ASK_BATCH if n_trials is None else max(min(ASK_BATCH, n_trials - gpu_trials), 1)
             if mode == "enumerate":
-                trial = _ask_fixed(study, todo[0], dists)
+                busy = _running_keys(study, spec.split)
+                free = [c for c in todo if c.key not in busy]
+                if not free:  # everything left is being measured by another worker
+                    stop = "others_running"
+                    break
+                trial = _ask_fixed(study, free[0], dists)
                 trials, batch = [trial], [by_key.get(config_key_of(trial.params, spec.split), todo[0])]
             else:
                 trials, batch = _ask_batch(study, dists, by_key, st, spec, todo, limit)
             rank = {c.key: i for i, c in enumerate(cands)}
             for trial, cand in sorted(zip(trials, batch, strict=False), key=lambda tc: rank[tc[1].key]):
-                if progress is not None:
-                    progress.update(task, description=f"{cand.config.variant.label} {cand.config.cache} "
-                                                      f"ctx {cand.config.max_seq_len}")
-                _measure(study, trial, cand, spec, st, backend_factory, text)
+                def say(phase: str, c: Candidate = cand) -> None:
+                    if progress is not None:
+                        progress.update(task, description=f"{c.config.variant.label} {c.config.cache} "
+                                                          f"ctx {c.config.max_seq_len}: {phase}")
+
+                _measure(study, trial, cand, spec, st, backend_factory, text, say)
                 gpu_trials += 1
                 if progress is not None:
                     progress.advance(task)
@@ -385,11 +413,21 @@ def run(
         for eng in st.engines.values():
             with contextlib.suppress(Exception):  # closing must not hide the real outcome
                 eng.close()
+        if run_lock is not None:
+            run_lock.release()
     return SearchResult(
         study_name=study_name, n_feasible=len(feasible), n_infeasible=len(cands) - len(feasible),
         n_measured=st.measured, n_failed=st.failed, n_reused=st.reused, model_loads=st.loads,
         exhausted=stop == "exhausted", seconds=time.monotonic() - t0, stop_reason=stop,
     )
+
+
+def _running_keys(study: optuna.Study, split: Split) -> set[str]:
+    """Configuration keys of trials RUNNING now (in this or another worker)."""
+    from optuna.trial import TrialState
+
+    return {config_key_of(t.params, split) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if {"variant", "cache", "max_seq_len"} <= set(t.params)}
 
 
 def _check_fingerprint(study: optuna.Study, spec: SearchSpec) -> None:
@@ -447,6 +485,7 @@ def _record_infeasible(study: optuna.Study, cands: Sequence[Candidate], dists: d
 def _ask_fixed(study: optuna.Study, cand: Candidate, dists: dict[str, Any]) -> optuna.Trial:
     study.enqueue_trial(cand.params)
     trial = study.ask(dists)
+    _stamp(trial)  # at once: a RUNNING trial without host/pid could never be swept
     if trial.params != cand.params:  # another worker took our enqueued trial; run what we got
         trial.set_user_attr("note", "enqueued params differed")
     return trial
@@ -497,11 +536,17 @@ def _stamp(trial: Any) -> None:
 
 def _tell_reused(study: optuna.Study, trial: Any, cand: Candidate, prev: dict[str, Any] | None) -> None:
     """A duplicate ask: return the stored values (or a placeholder for infeasible / failed ones)."""
+    from optuna.trial import TrialState
+
     for k, v in base_attrs(cand).items():
         trial.set_user_attr(k, v)
     trial.set_user_attr("status", "reused")
-    if prev is None or prev.get("values") is None:
-        trial.set_user_attr("reason", (prev or {}).get("reason", "duplicate of a running trial"))
+    if prev is None:  # proposed twice in one batch: the other copy is being measured
+        trial.set_user_attr("reason", "duplicate of a trial in the same batch")
+        study.tell(trial, state=TrialState.FAIL)
+        return
+    if prev.get("values") is None:  # a failed configuration (e.g. oom): not retried
+        trial.set_user_attr("reason", prev.get("reason", "failed before"))
         trial.set_constraint(CONSTRAINT, max(predicted_excess_gib(cand.verdict), 1e-3))
         study.tell(trial, [PLACEHOLDER_PPL, 0.0, 0.0])
         return
@@ -521,8 +566,12 @@ def _engine_for(variant: Variant, st: _State, factory: BackendFactory) -> Engine
 
 
 def _measure(study: optuna.Study, trial: Any, cand: Candidate, spec: SearchSpec, st: _State,
-             factory: BackendFactory, text: Callable[[], EvalText]) -> None:
-    """Load (or reuse), measure what is not memoized, tell. Engine failures fail only this trial."""
+             factory: BackendFactory, text: Callable[[], EvalText],
+             say: Callable[[str], None] = lambda phase: None) -> None:
+    """Load (or reuse), measure what is not memoized, tell. Engine failures fail only this trial.
+
+    ``say(phase)`` reports the phase (loading, perplexity, speed) to the progress display.
+    """
     from optuna.trial import TrialState
 
     cfg = cand.config
@@ -531,6 +580,7 @@ def _measure(study: optuna.Study, trial: Any, cand: Candidate, spec: SearchSpec,
         trial.set_user_attr(k, v)
     trial.set_user_attr("status", "running")
     try:
+        say("loading")
         engine = _engine_for(cfg.variant, st, factory)
         info = engine.prepare(LoadSpec(
             variant=cfg.variant, split=cfg.split, max_seq_len=cfg.max_seq_len, cache=cfg.cache,
@@ -541,6 +591,7 @@ def _measure(study: optuna.Study, trial: Any, cand: Candidate, spec: SearchSpec,
         proto = replace(spec.eval_protocol, dataset=et.dataset_id)
         ppl_key = f"{cfg.variant.key}|{cfg.cache}|{proto.key}"
         if ppl_key not in st.ppl:
+            say("perplexity")
             if cfg.variant.key not in st.tokens:
                 st.tokens[cfg.variant.key] = engine.tokenize(et.text)
             st.ppl[ppl_key] = float(engine.perplexity(tokens=st.tokens[cfg.variant.key], protocol=proto))
@@ -548,6 +599,7 @@ def _measure(study: optuna.Study, trial: Any, cand: Candidate, spec: SearchSpec,
         fill = max(min(sp.context_fill, cfg.max_seq_len - sp.gen_tokens), 1)
         speed_key = f"{cfg.variant.key}|{cfg.cache}|{cfg.split.label}|{replace(sp, context_fill=fill).key}"
         if speed_key not in st.speed:
+            say("speed")
             r = engine.speed(protocol=replace(sp, context_fill=fill))
             st.speed[speed_key] = (r.prompt_tok_s, r.gen_tok_s, r.context_fill)
         mem = engine.memory()

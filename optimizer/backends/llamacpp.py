@@ -172,7 +172,7 @@ def dry_run(path: str, s: LlamaSettings, *, n_threads: int = 1) -> tuple[LlamaBu
             size = int(llama_cpp.llama_model_size(model))
             ctx = llama_cpp.llama_init_from_model(model, _context_params(s, n_threads=n_threads))
             if not ctx:
-                raise EngineError(f"{path}: llama.cpp could not create a context for {s}")
+                raise EngineError(f"{path}: llama.cpp could not create a context for {s}: {_last_error(lines)}")
             llama_cpp.llama_free(ctx)
         finally:
             llama_cpp.llama_model_free(model)
@@ -237,7 +237,8 @@ class LlamaCppEngine:
                 ctx = lc.llama_init_from_model(self._model, _context_params(s, n_threads=self.n_threads))
             self.log.extend(lines)
             if not ctx:
-                msg = f"{spec.variant.label}: llama.cpp could not create a context (n_ctx {s.n_ctx}, K {s.type_k}, V {s.type_v})"
+                msg = (f"{spec.variant.label}: llama.cpp could not create a context (n_ctx {s.n_ctx}, K {s.type_k}, "
+                       f"V {s.type_v}): {_last_error(lines)}")
                 raise EngineOOMError(msg) if _looks_oom(lines) else EngineError(msg)
             self._ctx, self._ctx_settings = ctx, s
             self._ctx_buffers = parse_buffers(lines)
@@ -298,26 +299,29 @@ class LlamaCppEngine:
     # -- measurements
     def perplexity(self, *, tokens: Sequence[int], protocol: EvalProtocol) -> float:
         """Perplexity under ``protocol`` (windows back to back, BOS replaces the first token, prefill
-        unscored, then ``score_chunk`` pieces whose every next-token prediction inside the window is scored)."""
+        unscored, then ``score_chunk`` pieces whose every next-token prediction inside the window is
+        scored), with the exllamav2 backend's clamps for short caches and short texts."""
         import numpy as np
 
         lc = self._llama
         ctx = self._need_ctx()
         n_ctx = int(lc.llama_n_ctx(ctx))
-        if protocol.window > n_ctx:
-            raise EngineError(f"evaluation window {protocol.window} exceeds the context {n_ctx}")
+        # same clamps as the exllamav2 backend: a window longer than the cache shrinks to it (prefill
+        # at most half of it), and a short text gives fewer windows
+        window = min(protocol.window, self._ctx_settings.n_ctx if self._ctx_settings else n_ctx)
+        prefill = min(protocol.prefill, window // 2) if protocol.window > window else protocol.prefill
+        n_win = min(protocol.n_windows, len(tokens) // window)
+        if n_win < 1:
+            raise EngineError(f"evaluation text too short: {len(tokens)} tokens for one {window}-token window")
         n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
         bos = int(lc.llama_vocab_bos(self._vocab))
-        need = protocol.window * protocol.n_windows
-        if len(tokens) < need:
-            raise EngineError(f"evaluation text has {len(tokens)} tokens, the protocol needs {need}")
         nll, count = 0.0, 0
-        for w in range(protocol.n_windows):
-            win = [int(t) for t in tokens[w * protocol.window:(w + 1) * protocol.window]]
+        for w in range(n_win):
+            win = [int(t) for t in tokens[w * window:(w + 1) * window]]
             if protocol.add_bos and bos >= 0:
                 win[0] = bos
             self._clear()
-            pre = min(protocol.prefill, len(win) - 1)
+            pre = min(prefill, len(win) - 1)
             if pre:
                 self._decode(win[:pre], 0, False)
             pos = pre
@@ -377,7 +381,7 @@ class LlamaCppEngine:
     def memory(self) -> tuple[DeviceMemory, ...]:
         """Measured memory of the current load, from the buffers llama.cpp logged (bytes).
 
-        With GPU buffers (any buffer whose name does not start with ``CPU``): one entry per GPU
+        With GPU buffers (any buffer not named ``CPU*`` or ``*_Host``): one entry per GPU
         buffer name, ``peak_allocated`` = its model + KV + compute buffers. On a CPU-only build the
         whole model is the "device" (as in the budget rule of ``gguf_rules``): one entry with
         ``llama_model_size`` (the weights once, although ``CPU_Mapped`` and ``CPU_REPACK`` may
@@ -385,7 +389,8 @@ class LlamaCppEngine:
         """
         rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         b = self.buffers()
-        gpus = sorted({n for d in (b.model, b.kv, b.compute) for n in d if not n.startswith("CPU")})
+        gpus = sorted({n for d in (b.model, b.kv, b.compute) for n in d
+                       if not n.startswith("CPU") and not n.endswith("_Host")})  # CUDA_Host: pinned host memory
         if gpus:
             return tuple(DeviceMemory(index=i, peak_allocated=int((b.model.get(n, 0) + b.kv.get(n, 0) + b.compute.get(n, 0)) * MIB),
                                       used=rss) for i, n in enumerate(gpus))
@@ -407,6 +412,14 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         self.unload()
+
+
+def _last_error(lines: Sequence[str]) -> str:
+    """The last non-empty log line (llama.cpp logs why a load failed just before returning NULL)."""
+    for line in reversed(lines):
+        if line.strip():
+            return line.strip()
+    return "no log"
 
 
 def _looks_oom(lines: Sequence[str]) -> bool:
@@ -436,3 +449,8 @@ class LlamaCppBackend:
 def backend() -> LlamaCppBackend:
     """The default backend instance (1 thread unless ``EXL2OPT_LLAMA_THREADS`` says otherwise)."""
     return LlamaCppBackend()
+
+
+def make_backend() -> LlamaCppBackend:
+    """Entry point of ``optimizer.backends.backend_for`` (same as :func:`backend`)."""
+    return backend()

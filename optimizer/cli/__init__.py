@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
     _DEBUG["on"] = os.environ.get("EXL2OPT_DEBUG", "") not in ("", "0") or "--debug" in (argv or sys.argv[1:])
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        # typer >= 0.2x turns Ctrl-C (Abort) into a returned exit code 130 instead of raising
+        if isinstance(rc, int) and rc == EXIT_INTERRUPTED:
+            raise KeyboardInterrupt
     except Exl2optError as e:
         if _DEBUG["on"]:
             raise

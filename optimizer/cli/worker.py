@@ -18,21 +18,17 @@ import typer
 
 from optimizer.cli import _common as c
 from optimizer.cli import app
-from optimizer.errors import BackendUnavailableError, BadOptionError
-
-_FORMAT_BACKENDS = {"exl2": "optimizer.backends.exllamav2", "gguf": "optimizer.backends.llamacpp"}
+from optimizer.errors import BadOptionError
 
 
-def default_backend_factory(variant: Any) -> Any:
-    """The backend of a variant's format (``exl2`` -> ExLlamaV2, ``gguf`` -> llama.cpp)."""
-    mod_name = _FORMAT_BACKENDS.get(variant.format)
-    if mod_name is None:
-        raise BackendUnavailableError(f"no measurement backend for format {variant.format!r}")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        raise BackendUnavailableError(f"the {variant.format} backend is not available ({e.name} is missing)") from None
-    return mod.backend()
+def default_factory(backend: str) -> Any:
+    """The backend factory of ``exl2opt search``: ``backend`` is exllamav2 | llamacpp | auto (by format)."""
+    from optimizer.backends import backend_for
+
+    def factory(variant: Any) -> Any:
+        return backend_for(variant=variant, name=backend)
+
+    return factory
 
 
 def load_factory(text: str) -> Any:
@@ -65,13 +61,18 @@ def worker(
     gpu_split: Optional[str] = c.GpuSplitOpt,
     ctx: str = c.CtxOpt,
     cache: Optional[str] = c.CacheOpt,
-    min_ctx: int = typer.Option(0, "--min-ctx", help="Smallest context worth measuring (tokens)."),
+    min_ctx: int = typer.Option(2048, "--min-ctx", help="Floor on context length (tokens), as search."),
     overhead: Optional[str] = c.OverheadOpt,
     chunk: int = c.ChunkOpt,
     batch: int = c.BatchOpt,
     flash_attn: bool = c.FlashOpt,
     offline: bool = c.OfflineOpt,
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation text (.txt/.parquet); default wikitext-2."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation text (.txt/.parquet); default wikitext-2. "
+                                             "Every worker must use the same text."),
+    eval_windows: int = typer.Option(20, "--eval-windows", help="Perplexity windows (only with --model; as search)."),
+    eval_window: int = typer.Option(2048, "--eval-window", help="Perplexity window in tokens (only with --model)."),
+    fill: int = typer.Option(2048, "--speed-fill", help="Tokens in the cache for the speed test (only with --model)."),
+    backend: str = typer.Option("auto", "--backend", help="exllamav2 | llamacpp | auto (by variant format)."),
     n_trials: Optional[int] = typer.Option(None, "--n-trials", help="Stop after this many measurements by this worker."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop claiming new trials after this many seconds."),
     heartbeat: int = typer.Option(10, "--heartbeat", help="Seconds between heartbeats (database storages)."),
@@ -95,10 +96,11 @@ def worker(
             raise BadOptionError("--model needs --vram")
         spec = _spec_from_options(model=model, vram=vram, gpus=gpus, gpu_split=gpu_split, ctx=ctx, cache=cache,
                                   min_ctx=min_ctx, overhead=overhead, chunk=chunk, batch=batch,
-                                  flash_attn=flash_attn, offline=offline)
+                                  flash_attn=flash_attn, offline=offline, eval_data=eval_data,
+                                  eval_windows=eval_windows, eval_window=eval_window, fill=fill)
     else:
         spec = load_spec(study_name=study, storage_url=storage, root=root, options=options)
-    factory = load_factory(backend_factory) if backend_factory else default_backend_factory
+    factory = load_factory(backend_factory) if backend_factory else default_factory(backend)
     me = worker_id()
 
     def log(msg: str) -> None:
@@ -125,7 +127,11 @@ def _safe(url: str | None) -> str:
 
 def _spec_from_options(*, model: list[str], vram: str, gpus: Optional[int], gpu_split: Optional[str], ctx: str,
                        cache: Optional[str], min_ctx: int, overhead: Optional[str], chunk: int, batch: int,
-                       flash_attn: bool, offline: bool) -> Any:
+                       flash_attn: bool, offline: bool, eval_data: Optional[Path], eval_windows: int,
+                       eval_window: int, fill: int) -> Any:
+    """The same SearchSpec that ``exl2opt search`` builds from the same options (same fingerprint)."""
+    from optimizer.backends.base import EvalProtocol, SpeedProtocol
+    from optimizer.evaldata import dataset_id_for
     from optimizer.formats import RuntimeOptions
     from optimizer.sources import resolve_sources
     from optimizer.space import check_caches
@@ -139,4 +145,8 @@ def _spec_from_options(*, model: list[str], vram: str, gpus: Optional[int], gpu_
     if caches:
         caches = check_caches(variants, caches)
     return SearchSpec(variants=tuple(variants), budget=budget, split=split, contexts=contexts, caches=caches,
-                      min_ctx=min_ctx, runtime=RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn))
+                      min_ctx=min_ctx, runtime=RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn),
+                      eval_protocol=EvalProtocol(dataset=dataset_id_for(eval_data), window=eval_window,
+                                                 n_windows=eval_windows, prefill=eval_window // 2,
+                                                 score_chunk=min(256, eval_window // 4)),
+                      speed_protocol=SpeedProtocol(context_fill=fill))

@@ -226,6 +226,33 @@ def read_header(read: RangeReader, *, name: str = "<gguf>", chunk_bytes: int = D
                       data_offset=data_offset, header_bytes_read=c.fetched)
 
 
+def http_range_reader(url: str, *, headers: Mapping[str, str] | None = None, timeout_s: float = 30.0) -> RangeReader:
+    """A :data:`RangeReader` over HTTP ``Range: bytes=a-b`` GET requests (redirects followed).
+
+    ``headers`` may carry an ``Authorization`` header; it is sent, never logged. A server that
+    ignores ``Range`` (status 200) is refused rather than downloading the whole file.
+    """
+    import urllib.error
+    import urllib.request
+
+    def read(offset: int, length: int) -> bytes:
+        req = urllib.request.Request(url, headers={**(headers or {}), "Range": f"bytes={offset}-{offset + length - 1}"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 (http(s) URL from a source)
+                if resp.status == 200 and offset + length < int(resp.headers.get("Content-Length") or 0):
+                    raise WeightsHeaderError(f"{url.split('?')[0]}: server ignores HTTP range requests")
+                data: bytes = resp.read(length)
+                return data
+        except urllib.error.HTTPError as e:
+            if e.code == 416:  # range past the end of the file
+                return b""
+            raise WeightsHeaderError(f"{url.split('?')[0]}: HTTP {e.code} reading the GGUF header") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise WeightsHeaderError(f"{url.split('?')[0]}: cannot read the GGUF header ({e})") from None
+
+    return read
+
+
 def read_header_file(path: Path, *, chunk_bytes: int = 1 << 20) -> GgufHeader:
     """:func:`read_header` over a local file."""
     try:
@@ -404,10 +431,17 @@ class LlamaSettings:
         return min(self.n_ctx, self.n_batch, self.n_ubatch)
 
 
-def check_settings(s: LlamaSettings) -> None:
-    """Reject what llama.cpp refuses: a quantized V cache without flash attention."""
+def check_settings(s: LlamaSettings, m: GgufModel | None = None) -> None:
+    """Reject what llama.cpp refuses: a quantized V cache without flash attention, and (with flash
+    attention) a quantized K/V type whose block size does not divide the head dimension."""
     if s.type_v.lower() not in ("f32", "f16", "bf16") and not s.flash_attn:
         raise BadOptionError(f"quantized V cache ({s.type_v}) requires flash_attn=True in llama.cpp")
+    if m is not None and s.flash_attn:
+        for t, dim in ((s.type_k, m.head_dim_k), (s.type_v, m.head_dim_v)):
+            block = GGML_TYPES[GGML_TYPE_IDS[t.lower()]][1]
+            if dim % block:
+                raise BadOptionError(f"KV cache type {t} needs a head dimension that is a multiple of {block} "
+                                     f"with flash attention (this model has {dim})")
 
 
 def kv_layer_bytes(m: GgufModel, s: LlamaSettings, layer: int) -> int:
@@ -505,7 +539,7 @@ class DevicePrediction:
 
 def predict_devices(m: GgufModel, s: LlamaSettings, *, tensor_split: tuple[float, ...] = ()) -> tuple[DevicePrediction, ...]:
     """Per-GPU prediction for a LAYER split (weights and KV exact; compute per §4.4 rules)."""
-    check_settings(s)
+    check_settings(s, m)
     where = split_layers(m, n_gpu_layers=s.n_gpu_layers, tensor_split=tensor_split)
     n_dev = max(len(tensor_split), 1)
     ph = compute_phases(m, s)
@@ -532,7 +566,7 @@ def memory_plan(m: GgufModel, s: LlamaSettings) -> Any:
     """
     from optimizer.vram import MemoryPlan, ModuleCost
 
-    check_settings(s)
+    check_settings(s, m)
     start = gpu_layer_start(m, s.n_gpu_layers)
     ph = compute_phases(m, s)
     layer_transient = max(ph.attention, ph.ffn)

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from optimizer.errors import ModelSourceError
-from optimizer.formats.gguf import config_from_header, file_type_label, read_header_file
+from optimizer.formats.gguf import GgufHeader, config_from_header, file_type_label, read_header_file
 from optimizer.variant import Location, TensorInfo, Variant
 
 _SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$", re.IGNORECASE)
@@ -46,26 +46,33 @@ def group_files(files: list[Path]) -> list[list[Path]]:
     return out
 
 
-def variant_from_files(parts: list[Path]) -> Variant:
-    """One GGUF variant from one file or the ordered parts of a split set."""
-    first = read_header_file(parts[0])
-    tensors = [TensorInfo(name=t.name, dtype=t.type_name, shape=t.shape, nbytes=t.nbytes) for t in first.tensors]
-    for p in parts[1:]:
-        tensors.extend(TensorInfo(name=t.name, dtype=t.type_name, shape=t.shape, nbytes=t.nbytes)
-                       for t in read_header_file(p).tensors)
-    config = config_from_header(first)
-    m = _SPLIT_RE.match(parts[0].name)
-    stem = m.group("stem") if m else parts[0].stem
+def variant_from_headers(headers: list[GgufHeader], *, location: Location, name: str) -> Variant:
+    """One GGUF variant from the headers of its file (or of every part of a split set, in order).
+
+    Shared by local discovery and a Hub source (which reads headers with
+    ``optimizer.formats.gguf.read_header`` over ``http_range_reader``). ``name`` is the file name
+    without ``.gguf`` and split suffix, used for the label when ``general.file_type`` is absent.
+    """
+    tensors = [TensorInfo(name=t.name, dtype=t.type_name, shape=t.shape, nbytes=t.nbytes)
+               for h in headers for t in h.tensors]
     n_elem = sum(_numel(t.shape) for t in tensors)
     bits = 8 * sum(t.nbytes for t in tensors) / n_elem if n_elem else None
     return Variant(
         format="gguf",
-        label=file_type_label(first.kv, stem),
-        location=Location(kind="local", path=str(parts[0]), files=tuple(p.name for p in parts)),
-        config=config,
+        label=file_type_label(headers[0].kv, name),
+        location=location,
+        config=config_from_header(headers[0]),
         tensors=tuple(tensors),
         bits=round(bits, 3) if bits else None,
     )
+
+
+def variant_from_files(parts: list[Path]) -> Variant:
+    """One GGUF variant from one file or the ordered parts of a split set."""
+    m = _SPLIT_RE.match(parts[0].name)
+    stem = m.group("stem") if m else parts[0].stem
+    return variant_from_headers([read_header_file(p) for p in parts], name=stem,
+                                location=Location(kind="local", path=str(parts[0]), files=tuple(p.name for p in parts)))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

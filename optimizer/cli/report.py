@@ -1,0 +1,46 @@
+"""``exl2opt report STUDY``: rebuild the reports of a study from its storage alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from optimizer.cli import app
+
+
+@app.command()
+def report(
+    study: str = typer.Argument(..., help="Study name (a folder under --studies-dir for the default journal storage)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: studies/<study>/journal.log)."),
+    root: Path = typer.Option(Path("studies"), "--studies-dir", "--root", help="Directory holding study folders."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the reports (default: studies/<study>/)."),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Write only the CSV files."),
+) -> None:
+    """Write pareto.csv, trials.csv, pareto.png and pareto.html, and print a recommendation.
+
+    pareto.csv: one row per Pareto-optimal configuration (perplexity down, generation tokens/s up,
+    context up) with predicted and measured VRAM per GPU (GiB, ';'-separated) and the download
+    command. trials.csv: every trial, including configurations rejected by the VRAM model and
+    failed ones, with the reason.
+
+    To browse the study interactively: pip install optuna-dashboard, then
+    optuna-dashboard studies/<study>/journal.log (or the --storage URL).
+    """
+    from rich.console import Console
+
+    from optimizer.errors import StudyError
+    from optimizer.report import recommendation, write_reports
+    from optimizer.storage import JOURNAL_NAME, study_dir
+    from optimizer.study import open_study
+
+    d = study_dir(study=study, root=root)
+    if storage is None and not (d / JOURNAL_NAME).is_file():
+        raise StudyError(f"no study {study!r} under {root} (no {d / JOURNAL_NAME}); give --studies-dir or --storage")
+    st = open_study(study_name=study, storage_url=storage, root=root, create=False)
+    files, front = write_reports(study=st, out_dir=out or d, plots=not no_plots)
+    con = Console()
+    con.print(recommendation(front), soft_wrap=True)
+    con.print(f"Reports: {files.pareto_csv}, {files.trials_csv}" + (f", {files.png}" if files.png else "")
+              + (f", {files.html}" if files.html else ""))

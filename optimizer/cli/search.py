@@ -1,0 +1,134 @@
+"""``exl2opt search``: measure the feasible configurations and write the Pareto front.
+
+Short form: ``exl2opt search --model turboderp/Llama-3-8B-exl2 --vram 15GB``. The study lives in
+``studies/<study>/`` (an Optuna journal); rerunning the same command resumes it (finished trials
+are kept, a Ctrl-C'd or killed trial is retried). Reports are written there at the end; see
+``exl2opt report --help`` for the files and how to open the study in optuna-dashboard.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from optimizer.cli import _common as c
+from optimizer.cli import app
+from optimizer.errors import BadOptionError
+
+
+def _default_study(model: list[str], vram: str) -> str:
+    base = model[0].rstrip("/").split("/")[-1].split("@")[0] or "study"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{base}-{vram}")[:100]
+
+
+def _load_factory(spec: str) -> Any:
+    """``module:callable`` -> the callable (hidden test hook to inject a backend factory)."""
+    mod, _, attr = spec.partition(":")
+    if not mod or not attr:
+        raise BadOptionError("--backend-factory must be module:callable")
+    return getattr(importlib.import_module(mod), attr)
+
+
+@app.command()
+def search(
+    model: list[str] = c.ModelOpt,
+    vram: str = c.VramOpt,
+    gpus: Optional[int] = c.GpusOpt,
+    gpu_split: Optional[str] = c.GpuSplitOpt,
+    ctx: str = c.CtxOpt,
+    cache: Optional[str] = c.CacheOpt,
+    overhead: Optional[str] = c.OverheadOpt,
+    chunk: int = c.ChunkOpt,
+    batch: int = c.BatchOpt,
+    flash_attn: bool = c.FlashOpt,
+    offline: bool = c.OfflineOpt,
+    min_ctx: int = typer.Option(2048, "--min-ctx", help="Floor on context length (tokens); smaller configurations are not searched."),
+    n_trials: Optional[int] = typer.Option(None, "--n-trials", help="GPU trials to run now (default: until the space is exhausted)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop starting new trials after this many seconds."),
+    study: Optional[str] = typer.Option(None, "--study", help="Study name (default: <model>-<vram>). Same name = resume."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (sqlite:///x.db, postgresql+psycopg://...). "
+                                          "Default: journal file studies/<study>/journal.log."),
+    root: Path = typer.Option(Path("studies"), "--studies-dir", "--root", help="Directory holding study folders and reports."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Local .txt or .parquet evaluation text "
+                                             "(default: wikitext-2-raw-v1 test via datasets; needs network once)."),
+    eval_windows: int = typer.Option(20, "--eval-windows", help="Perplexity windows (each --eval-window tokens)."),
+    eval_window: int = typer.Option(2048, "--eval-window", help="Perplexity window in tokens (first half prefilled into the cache)."),
+    fill: int = typer.Option(2048, "--speed-fill", help="Tokens in the cache when generation speed is measured."),
+    sampler: str = typer.Option("auto", "--sampler", help="auto | tpe | bruteforce | gp. auto enumerates the feasible set "
+                                "in load order when it fits --n-trials, else TPE."),
+    backend: str = typer.Option("auto", "--backend", help="exllamav2 | llamacpp | auto (by variant format)."),
+    seed: int = typer.Option(0, "--seed", help="Sampler seed."),
+    no_report: bool = typer.Option(False, "--no-report", help="Do not write reports at the end."),
+    backend_factory: Optional[str] = typer.Option(None, "--backend-factory", hidden=True),
+) -> None:
+    """Measure perplexity and tokens/s of every configuration that fits the VRAM budget; write the Pareto front.
+
+    Configurations the VRAM model rejects are never loaded: they are recorded with their predicted
+    breakdown and reason. Objectives: perplexity (down), generation tokens/s (up), context length (up).
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from optimizer.backends import backend_for, backend_name_for
+    from optimizer.backends.base import EvalProtocol, SpeedProtocol
+    from optimizer.evaldata import dataset_id_for, load_eval_text
+    from optimizer.formats import RuntimeOptions
+    from optimizer.report import recommendation, write_reports
+    from optimizer.sources import resolve_sources
+    from optimizer.space import check_caches
+    from optimizer.storage import study_dir
+    from optimizer.study import SAMPLERS, SearchSpec, open_study, run
+
+    if sampler not in SAMPLERS:
+        raise BadOptionError(f"unknown --sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+    if eval_window < 64 or eval_windows < 1:
+        raise BadOptionError("--eval-window must be >= 64 tokens and --eval-windows >= 1")
+    if eval_data is not None and not eval_data.is_file():
+        raise BadOptionError(f"--eval-data {eval_data}: no such file")
+    budget = c.budget_from(vram=vram, overhead=overhead)
+    split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget)
+    contexts = c.parse_contexts(ctx)
+    caches = c.parse_caches(cache)
+    runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn)
+    variants = resolve_sources(specs=model, hub=c.hub_options(offline=offline))
+    if caches:
+        caches = check_caches(variants, caches)
+    if backend_factory:
+        factory = _load_factory(backend_factory)
+    else:
+        for bname in sorted({backend_name_for(variant=v, name=backend) for v in variants}):
+            backend_for(variant=next(v for v in variants if backend_name_for(variant=v, name=backend) == bname),
+                        name=bname).check_available()  # one clear line before any study is created
+
+        def factory(v: Any) -> Any:
+            return backend_for(variant=v, name=backend)
+
+    spec = SearchSpec(
+        variants=tuple(variants), budget=budget, split=split, contexts=contexts, caches=caches, min_ctx=min_ctx,
+        runtime=runtime,
+        eval_protocol=EvalProtocol(dataset=dataset_id_for(eval_data), window=eval_window, n_windows=eval_windows,
+                                   prefill=eval_window // 2, score_chunk=min(256, eval_window // 4)),
+        speed_protocol=SpeedProtocol(context_fill=fill),
+    )
+    name = study or _default_study(model, vram)
+    con = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=con, transient=False) as prog:
+        res = run(spec=spec, study_name=name, backend_factory=factory,
+                  eval_text=lambda: load_eval_text(path=eval_data), storage_url=storage, root=root,
+                  n_trials=n_trials, timeout=timeout, sampler=sampler, seed=seed, progress=prog)
+    out = Console()
+    out.print(f"Study {name}: {res.n_feasible} feasible / {res.n_infeasible} rejected by the VRAM model; "
+              f"measured {res.n_measured}, failed {res.n_failed}, reused {res.n_reused}, model loads {res.model_loads}; "
+              f"stopped: {res.stop_reason}.")
+    if no_report:
+        return
+    st = open_study(study_name=name, storage_url=storage, root=root, create=False)
+    files, front = write_reports(study=st, out_dir=study_dir(study=name, root=root))
+    out.print(recommendation(front), soft_wrap=True)
+    out.print(f"Reports: {files.pareto_csv}, {files.trials_csv}" + (f", {files.png}" if files.png else "")
+              + (f", {files.html}" if files.html else ""))

@@ -1,0 +1,242 @@
+"""The exllamav2 backend's calls checked against the real exllamav2 0.3.2 package (CPU, stub extension).
+
+The real package is imported with ``sys.modules["exllamav2_ext"]`` stubbed (the CUDA extension
+cannot be built here). Then the engine is driven against *signature-checking* fakes: every call the
+backend makes is bound with ``inspect.signature`` of the real function, so a wrong name or keyword
+fails here. Tensors are real CPU torch tensors; only ``torch.cuda`` is faked.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def xl() -> Any:
+    sys.modules.setdefault("exllamav2_ext", types.ModuleType("exllamav2_ext"))
+    try:
+        import exllamav2
+    except Exception as e:  # pragma: no cover
+        pytest.skip(f"exllamav2 not importable: {e}")
+    assert exllamav2.__version__ == "0.3.2"
+    return exllamav2
+
+
+def test_cache_classes_exist_and_take_our_arguments(xl: Any) -> None:
+    from optimizer.backends.exllamav2 import CACHE_CLASSES
+    from optimizer.formats.exl2 import CACHE_MODES
+
+    assert set(CACHE_CLASSES) == set(CACHE_MODES)
+    for mode, name in CACHE_CLASSES.items():
+        assert CACHE_MODES[mode].cls == name
+        cls = getattr(xl, name)
+        sig = inspect.signature(cls.__init__)
+        sig.bind(object(), object(), batch_size=1, max_seq_len=4096)
+        sig.bind(object(), object(), batch_size=1, max_seq_len=4096, lazy=True)
+
+
+def test_load_signatures(xl: Any) -> None:
+    inspect.signature(xl.ExLlamaV2.load).bind(object(), progress=False)
+    inspect.signature(xl.ExLlamaV2.load).bind(object(), gpu_split=[10.0, 15.0], progress=False)
+    inspect.signature(xl.ExLlamaV2.load_autosplit).bind(object(), object(), reserve_vram=[1, 2], progress=False)
+    fwd = inspect.signature(xl.ExLlamaV2.forward)
+    fwd.bind(object(), object(), object(), preprocess_only=True)
+    fwd.bind(object(), object(), object())
+    inspect.signature(xl.ExLlamaV2Tokenizer.encode).bind(object(), "x", add_bos=False)
+    assert callable(xl.ExLlamaV2.unload)
+
+
+def test_config_has_the_attributes_we_set(xl: Any, tmp_path: Path) -> None:
+    from exl2_fixtures import TINY_LLAMA, make_exl2_dir
+
+    d = make_exl2_dir(tmp_path, "tiny", dict(TINY_LLAMA, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1,
+                                            eos_token_id=2, torch_dtype="float16"), bits=4.0)
+    cfg = xl.ExLlamaV2Config(str(d))
+    for attr in ("max_seq_len", "max_input_len", "max_attention_size", "max_batch_size", "no_flash_attn", "vocab_size"):
+        assert hasattr(cfg, attr), attr
+    model = xl.ExLlamaV2(cfg)
+    cache = xl.ExLlamaV2Cache_Q4(model, batch_size=1, max_seq_len=512, lazy=True)
+    assert hasattr(cache, "current_seq_len") and cache.max_seq_len == 512
+
+
+# ----- drive the engine against signature-checking fakes ------------------------------------
+
+
+class _Calls(list):
+    pass
+
+
+def _checked(real: Any, calls: _Calls, name: str, result: Any = None) -> Any:
+    sig = inspect.signature(real)
+
+    def fn(self: Any, *a: Any, **k: Any) -> Any:
+        sig.bind(self, *a, **k)
+        calls.append((name, a, k))
+        return result(self, *a, **k) if callable(result) else result
+
+    return fn
+
+
+def _fake_module(xl: Any, calls: _Calls, vocab: int) -> types.SimpleNamespace:
+    def cfg_init(self: Any, model_dir: str | None = None) -> None:
+        inspect.signature(xl.ExLlamaV2Config.__init__).bind(self, model_dir)
+        self.vocab_size = vocab
+        calls.append(("config", (model_dir,), {}))
+
+    def forward(self: Any, ids: Any, cache: Any = None, **k: Any) -> Any:
+        inspect.signature(xl.ExLlamaV2.forward).bind(self, ids, cache, **k)
+        calls.append(("forward", (tuple(ids.shape),), k))
+        if cache is not None:
+            cache.current_seq_len += ids.shape[1]
+            assert cache.current_seq_len <= cache.max_seq_len
+        if k.get("preprocess_only"):
+            return None
+        return torch.zeros(1, ids.shape[1], vocab)
+
+    def model_init(self: Any, config: Any) -> None:
+        self.config = config
+
+    def cache_cls(real: Any) -> type:
+        def init(self: Any, model: Any, batch_size: int = 1, max_seq_len: int = -1, **k: Any) -> None:
+            inspect.signature(real.__init__).bind(self, model, batch_size=batch_size, max_seq_len=max_seq_len, **k)
+            self.max_seq_len, self.current_seq_len = max_seq_len, 0
+            calls.append((real.__name__, (), dict(k, max_seq_len=max_seq_len)))
+
+        return type(real.__name__, (), {"__init__": init})
+
+    def tok_init(self: Any, config: Any, **k: Any) -> None:
+        self.bos_token_id = 1
+
+    ns = types.SimpleNamespace(
+        ExLlamaV2Config=type("C", (), {"__init__": cfg_init}),
+        ExLlamaV2=type("M", (), {
+            "__init__": model_init, "forward": forward,
+            "load": _checked(xl.ExLlamaV2.load, calls, "load"),
+            "load_autosplit": _checked(xl.ExLlamaV2.load_autosplit, calls, "load_autosplit"),
+            "unload": _checked(xl.ExLlamaV2.unload, calls, "unload"),
+        }),
+        ExLlamaV2Tokenizer=type("T", (), {
+            "__init__": tok_init,
+            "encode": _checked(xl.ExLlamaV2Tokenizer.encode, calls, "encode",
+                               lambda self, text, **k: torch.tensor([[ord(c) % vocab for c in text]])),
+        }),
+    )
+    for name in ("ExLlamaV2Cache", "ExLlamaV2Cache_8bit", "ExLlamaV2Cache_Q8", "ExLlamaV2Cache_Q6", "ExLlamaV2Cache_Q4"):
+        setattr(ns, name, cache_cls(getattr(xl, name)))
+    return ns
+
+
+class _FakeCuda:
+    def is_available(self) -> bool:
+        return True
+
+    def device_count(self) -> int:
+        return 2
+
+    def reset_peak_memory_stats(self, d: int) -> None: ...
+
+    def empty_cache(self) -> None: ...
+
+    def synchronize(self) -> None: ...
+
+    def max_memory_allocated(self, d: int) -> int:
+        return 1000 + d
+
+    def mem_get_info(self, d: int) -> tuple[int, int]:
+        return (10, 5000)
+
+
+@pytest.fixture()
+def engine(xl: Any) -> Any:
+    from optimizer.backends.exllamav2 import ExLlamaV2Engine
+
+    calls = _Calls()
+    eng = ExLlamaV2Engine.__new__(ExLlamaV2Engine)
+    eng.torch = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("_") and k != "cuda"},
+                                      cuda=_FakeCuda())
+    eng.xl = _fake_module(xl, calls, vocab=64)
+    eng.model = eng.cache = eng.tokenizer = eng.spec = None
+    eng.loaded_seq_len = 0
+    eng.calls = calls
+    return eng
+
+
+def _spec(tmp_path: Path, *, ctx: int, cache: str, split: Any) -> Any:
+    from exl2_fixtures import TINY_LLAMA, make_exl2_dir
+
+    from optimizer.backends.base import LoadSpec
+    from optimizer.sources.local import discover_local
+
+    d = tmp_path / "tiny"
+    if not d.exists():
+        make_exl2_dir(tmp_path, "tiny", TINY_LLAMA, bits=4.0)
+    return LoadSpec(variant=discover_local(d)[0], split=split, max_seq_len=ctx, cache=cache, chunk_len=256)
+
+
+def test_engine_reuses_model_and_rebuilds_cache(engine: Any, tmp_path: Path) -> None:
+    from optimizer.backends.base import EvalProtocol, SpeedProtocol
+    from optimizer.vram import Split
+
+    info = engine.prepare(_spec(tmp_path, ctx=2048, cache="q4", split=Split()))
+    assert info.model_loaded
+    assert [c[0] for c in engine.calls if c[0] in ("load", "ExLlamaV2Cache_Q4")] == ["load", "ExLlamaV2Cache_Q4"]
+    info2 = engine.prepare(_spec(tmp_path, ctx=1024, cache="fp16", split=Split()))
+    assert not info2.model_loaded
+    assert sum(1 for c in engine.calls if c[0] == "load") == 1
+    toks = engine.tokenize("hello world " * 200)
+    ppl = engine.perplexity(tokens=toks, protocol=EvalProtocol(window=256, n_windows=2, prefill=128, score_chunk=64))
+    assert ppl == pytest.approx(64.0, rel=1e-4)  # uniform logits over a 64-token vocabulary
+    sp = engine.speed(protocol=SpeedProtocol(context_fill=512, gen_tokens=8, warmup=1))
+    assert sp.context_fill == 512 and sp.gen_tok_s > 0 and sp.prompt_tok_s > 0
+    mem = engine.memory()
+    assert [m.index for m in mem] == [0] and mem[0].used == 4990
+    # a larger context than loaded needs a reload (RoPE tables are sized at load)
+    assert engine.prepare(_spec(tmp_path, ctx=4096, cache="fp16", split=Split())).model_loaded
+
+
+def test_engine_manual_and_autosplit(engine: Any, tmp_path: Path) -> None:
+    from optimizer.vram import Split
+
+    engine.prepare(_spec(tmp_path, ctx=2048, cache="q8", split=Split(mode="manual", gpu_split=(10.0, 12.0))))
+    load = [c for c in engine.calls if c[0] == "load"][-1]
+    assert load[2]["gpu_split"] == [10.0, 12.0]
+    engine.prepare(_spec(tmp_path, ctx=2048, cache="q6", split=Split(mode="auto", n_devices=2)))
+    lazy = [c for c in engine.calls if c[0] == "ExLlamaV2Cache_Q6"][-1]
+    assert lazy[2]["lazy"] is True
+    auto = [c for c in engine.calls if c[0] == "load_autosplit"][-1]
+    assert auto[2]["reserve_vram"] == [192 * 2**20, 64 * 2**20]
+    # autosplit always reloads
+    assert engine.prepare(_spec(tmp_path, ctx=1024, cache="q6", split=Split(mode="auto", n_devices=2))).model_loaded
+    assert len(engine.memory()) == 2
+
+
+def test_engine_oom_is_reported_and_frees(engine: Any, tmp_path: Path) -> None:
+    from optimizer.errors import EngineOOMError
+    from optimizer.vram import Split
+
+    def boom(self: Any, *a: Any, **k: Any) -> None:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    engine.xl.ExLlamaV2.load = boom
+    with pytest.raises(EngineOOMError):
+        engine.prepare(_spec(tmp_path, ctx=2048, cache="fp16", split=Split()))
+    assert engine.model is None and engine.cache is None
+
+
+def test_backend_unavailable_without_cuda() -> None:
+    from optimizer.backends.exllamav2 import ExLlamaV2Backend
+    from optimizer.errors import BackendUnavailableError
+
+    if torch.cuda.is_available():  # pragma: no cover
+        pytest.skip("CUDA present")
+    with pytest.raises(BackendUnavailableError) as ei:
+        ExLlamaV2Backend().open()
+    assert "\n" not in str(ei.value) and "GPU" in str(ei.value)

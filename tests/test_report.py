@@ -1,0 +1,112 @@
+"""Reports: pareto.csv / trials.csv rows and columns, plots, no token, `exl2opt report` from storage alone."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from pathlib import Path
+
+import pytest
+from exl2_fixtures import TINY_LLAMA, make_exl2_dir
+from fake_engine import FakeBackend, fake_ppl, fake_speed
+
+from optimizer.backends.base import EvalProtocol, SpeedProtocol
+from optimizer.evaldata import EvalText
+from optimizer.report import PARETO_COLUMNS, TRIAL_COLUMNS, recommendation, scrub, write_reports
+from optimizer.sources.local import discover_local
+from optimizer.space import Budget
+from optimizer.study import SearchSpec, build_space, open_study, run
+from optimizer.units import parse_size
+from optimizer.variant import Location
+from optimizer.vram import Split
+
+FAKE_TOKEN = "hf_abcdefghijklmnopqrstuvwxyz123456"
+CFG = dict(TINY_LLAMA, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+           num_key_value_heads=4, vocab_size=32000, max_position_embeddings=16384)
+
+
+@pytest.fixture()
+def study_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, SearchSpec]:
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("FAKE_ENGINE_OOM", "q4@8192")
+    for b in (3.0, 4.0, 8.0):
+        make_exl2_dir(tmp_path / "m", f"tiny-{b}bpw", CFG, bits=b)
+    vs = []
+    for v in discover_local(tmp_path / "m"):
+        rev = f"{v.bits}bpw"
+        vs.append(dataclasses.replace(v, location=Location(kind="hub", repo_id="org/Tiny-exl2", revision=rev)))
+    spec = SearchSpec(
+        variants=tuple(vs), budget=Budget(per_device=(parse_size("0.7GiB"),), overhead=(0,)), split=Split(),
+        contexts=(2048, 8192, 16384), caches=("fp16", "q4"),
+        eval_protocol=EvalProtocol(window=64, n_windows=1, prefill=32, score_chunk=16),
+        speed_protocol=SpeedProtocol(context_fill=1024, gen_tokens=16),
+    )
+    run(spec=spec, study_name="r", backend_factory=lambda v: FakeBackend(), root=tmp_path / "studies",
+        eval_text=lambda: EvalText(dataset_id="fake", text="abc " * 100), sampler="bruteforce")
+    return tmp_path / "studies", spec
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def test_reports_rows_and_columns(study_root: tuple[Path, SearchSpec], tmp_path: Path) -> None:
+    root, spec = study_root
+    study = open_study(study_name="r", storage_url=None, root=root, create=False)
+    files, front = write_reports(study=study, out_dir=tmp_path / "out")
+    trials = _read(files.trials_csv)
+    assert list(trials[0]) == list(TRIAL_COLUMNS)
+    assert len(trials) == len(study.trials)
+    cands = build_space(spec)
+    statuses = {r["config_key"]: r for r in trials}
+    for c in cands:
+        r = statuses[c.key]
+        if not c.verdict.fits:
+            assert r["status"] == "infeasible" and r["reason"] and float(r["vram_excess_gib"]) > 0
+    failed = [r for r in trials if r["state"] == "FAIL"]
+    assert failed and all(r["reason"] == "oom" and r["cache_mode"] == "q4" and r["max_seq_len"] == "8192" for r in failed)
+    pareto = _read(files.pareto_csv)
+    assert list(pareto[0]) == list(PARETO_COLUMNS)
+    # the front equals the brute-force front of what was measured (feasible, not OOM)
+    pts = {}
+    for c in cands:
+        if c.verdict.fits and not (c.config.cache == "q4" and c.config.max_seq_len == 8192):
+            fill = min(1024, c.config.max_seq_len - 16)
+            pts[(c.config.variant.label, c.config.cache, c.config.max_seq_len)] = (
+                fake_ppl(c.config.variant, c.config.cache), fake_speed(c.config.variant, c.config.cache, "1gpu", fill)[1],
+                c.config.max_seq_len)
+    truth = {k for k, p in pts.items()
+             if not any(q[0] <= p[0] and q[1] >= p[1] and q[2] >= p[2] and q != p for q in pts.values())}
+    assert {(r["label"], r["cache_mode"], int(r["max_seq_len"])) for r in pareto} == truth
+    for r in pareto:
+        assert r["variant"].startswith("org/Tiny-exl2@") and r["download"].startswith("hf download org/Tiny-exl2")
+        assert float(r["predicted_vram_gib"]) <= 0.7 and r["measured_vram_gib"]
+    assert files.png and files.png.stat().st_size > 1000 and files.png.read_bytes()[:4] == b"\x89PNG"
+    assert files.html and "plotly" in files.html.read_text()[:200000].lower()
+    for f in (files.pareto_csv, files.trials_csv, files.html):
+        assert FAKE_TOKEN not in f.read_text()
+    assert "balanced" in recommendation(front)
+
+
+def test_report_command_from_storage_alone(study_root: tuple[Path, SearchSpec], capsys: pytest.CaptureFixture[str]) -> None:
+    from optimizer.cli import main
+
+    root, _ = study_root
+    main(["report", "r", "--studies-dir", str(root), "--no-plots"])
+    out = capsys.readouterr().out
+    assert "Pareto front" in out and (root / "r" / "pareto.csv").is_file()
+    with pytest.raises(SystemExit) as ei:
+        main(["report", "nope", "--studies-dir", str(root)])
+    assert ei.value.code == 1
+    assert "no study 'nope'" in capsys.readouterr().err
+
+
+def test_scrub_removes_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "secretvalue123")
+    assert "hf_" + "x" * 30 not in scrub("token hf_" + "x" * 30)
+    assert "secretvalue123" not in scrub("a secretvalue123 b")
+
+
+def test_recommendation_when_nothing_fits() -> None:
+    assert "No measured configuration" in recommendation([])
