@@ -38,6 +38,7 @@ import contextlib
 import copy
 import fcntl
 import hashlib
+import json
 import os
 import threading
 import time
@@ -151,9 +152,13 @@ def open_worker_storage(*, study: str, url: str | None, root: Path = DEFAULT_ROO
             raise StorageError(f"cannot open {safe_url(url)}: missing database driver ({e.name}); "
                                "pip install 'exl2opt[postgres]'") from None
         except Exception as e:  # sqlalchemy OperationalError / ArgumentError ...
+            if type(e).__name__ in ("ArgumentError", "NoSuchModuleError") or isinstance(e, ValueError):
+                from optimizer.errors import BadOptionError
+
+                raise BadOptionError(f"invalid --storage URL {safe_url(url)} ({type(e).__name__}: "
+                                     f"{_first_line(e)}); expected e.g. postgresql+psycopg://user:password@host:5432/db"
+                                     ) from None
             last = e
-            if type(e).__name__ == "ArgumentError" or isinstance(e, ValueError):
-                break
             if attempt + 1 < options.connect_attempts:
                 sleep(delay)
                 delay *= 2
@@ -170,6 +175,24 @@ def _first_line(e: BaseException) -> str:
     if "(Background on this error" in text:
         text = text.split("(Background on this error")[0].strip()
     return text[:200]
+
+
+def is_storage_error(e: BaseException) -> bool:
+    """Whether ``e`` says the storage could not be reached or written (worth a bounded retry)."""
+    from optuna.exceptions import StorageInternalError
+
+    if isinstance(e, (StorageInternalError, StorageError)):
+        return True
+    try:
+        import sqlalchemy.exc
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                          sqlalchemy.exc.DisconnectionError))
+
+
+def _where(url: str | None) -> str:
+    return f" {safe_url(url)}" if url else ""
 
 
 def heartbeat_enabled(storage: Any) -> bool:
@@ -576,10 +599,13 @@ def _create_or_load(storage: Any, study_name: str) -> optuna.Study:
         study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
                                     directions=["minimize", "maximize", "maximize"],
                                     sampler=optuna.samplers.RandomSampler(seed=0))
-    except ValueError as e:  # existing study with other directions
+    except json.JSONDecodeError as e:  # a journal line that is not JSON (edited or damaged file)
+        raise StorageError(f"the study storage is damaged: a record is not valid JSON ({e}); restore it from a "
+                           "backup or start a new --study") from None
+    except ValueError as e:  # e.g. an existing study with other directions
         from optimizer.errors import StudyError
 
-        raise StudyError(f"study {study_name!r} exists with other objectives ({e})") from None
+        raise StudyError(f"cannot open study {study_name!r}: {_first_line(e)}") from None
     if list(study.metric_names or []) != list(METRIC_NAMES):
         import warnings
 
@@ -637,6 +663,7 @@ def run_worker(
     measured_here = 0
     stop = "exhausted"
     waited_since: float | None = None
+    outages = 0
     try:
         with lock.held():
             study = _create_or_load(storage, study_name)
@@ -664,39 +691,57 @@ def run_worker(
             if timeout is not None and time.monotonic() - t0 >= timeout:
                 stop = "timeout"
                 break
-            with lock.held():
-                swept = fail_stale(study, storage)
-                if swept:
-                    say(f"failed stale trial(s) {swept} (no heartbeat); they will be retried")
-                led = scan(study, max_retry=options.max_retry)
-                claim = _claim(study, storage, led, feasible, by_key, dists, spec)
-            if claim is None:
-                left = feasible_keys - set(led.done)
-                if not left:
-                    stop = "exhausted"
-                    break
-                # everything left runs on other workers: wait for them (or for them to go stale)
-                waited_since = waited_since or time.monotonic()
-                if options.wait_limit_s is not None and time.monotonic() - waited_since > options.wait_limit_s:
-                    stop = "waiting"
-                    break
-                time.sleep(options.poll_s)
-                continue
-            waited_since = None
-            trial, cand = claim
-            S._load_history(study, st)  # perplexity / speed measured by any worker are reused
-            say(f"trial {trial.number}: {cand.key}")
             try:
-                with heartbeat(storage, trial._trial_id):
-                    trial.set_user_attr("worker", me)
-                    S._measure(study, trial, cand, spec, st, backend_factory, text)
-            except BaseException:
-                _fail_if_running(study, trial, INTERRUPTED)
+                with lock.held():
+                    swept = fail_stale(study, storage)
+                    if swept:
+                        say(f"failed stale trial(s) {swept} (no heartbeat); they will be retried")
+                    led = scan(study, max_retry=options.max_retry)
+                    claim = _claim(study, storage, led, feasible, by_key, dists, spec)
+                if claim is None:
+                    left = feasible_keys - set(led.done)
+                    if not left:
+                        stop = "exhausted"
+                        break
+                    # everything left runs on other workers: wait for them (or for them to go stale)
+                    waited_since = waited_since or time.monotonic()
+                    if options.wait_limit_s is not None and time.monotonic() - waited_since > options.wait_limit_s:
+                        stop = "waiting"
+                        break
+                    time.sleep(options.poll_s)
+                    continue
+                waited_since = None
+                trial, cand = claim
+                S._load_history(study, st)  # perplexity / speed measured by any worker are reused
+                say(f"trial {trial.number}: {cand.key}")
+                try:
+                    with heartbeat(storage, trial._trial_id):
+                        trial.set_user_attr("worker", me)
+                        S._measure(study, trial, cand, spec, st, backend_factory, text)
+                except BaseException:
+                    _fail_if_running(study, trial, INTERRUPTED)
+                    raise
+                if study._storage.get_trial(trial._trial_id).state == TrialState.COMPLETE:
+                    measured_here += 1
+                if progress is not None:
+                    progress(trial.number, cand)
+            except KeyboardInterrupt:
                 raise
-            if study._storage.get_trial(trial._trial_id).state == TrialState.COMPLETE:
-                measured_here += 1
-            if progress is not None:
-                progress(trial.number, cand)
+            except Exception as e:
+                if not is_storage_error(e):
+                    raise
+                outages += 1
+                if outages >= max(options.connect_attempts, 1):
+                    raise StorageError(
+                        f"lost the study storage{_where(storage_url)} ({type(e).__name__}: {_first_line(e)}); gave up "
+                        f"after {outages} attempt(s). A trial left RUNNING is failed as stale and retried by the "
+                        "next worker once the storage is back; restart this worker then") from None
+                lock.close()
+                delay = min(2.0 ** (outages - 1), 30.0)
+                say(f"storage error ({type(e).__name__}: {_first_line(e)}); retrying in {delay:.0f} s")
+                time.sleep(delay)
+                continue
+            outages = 0
     finally:
         for eng in st.engines.values():
             with contextlib.suppress(Exception):
@@ -704,8 +749,13 @@ def run_worker(
         lock.close()
         if rlock is not None:
             rlock.release()
-    done = scan(study, max_retry=options.max_retry)
-    n_failed = sum(1 for k, d in done.done.items() if k in feasible_keys and d["status"] == "failed")
+    try:
+        done = scan(study, max_retry=options.max_retry).done
+    except Exception as e:  # the storage went away at the very end: report what this worker knows
+        if not is_storage_error(e):
+            raise
+        done = {}
+    n_failed = sum(1 for k, d in done.items() if k in feasible_keys and d["status"] == "failed")
     return S.SearchResult(
         study_name=study_name, n_feasible=len(feasible), n_infeasible=len(cands) - len(feasible),
         n_measured=st.measured, n_failed=n_failed, n_reused=st.reused, model_loads=st.loads,

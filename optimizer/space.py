@@ -70,10 +70,22 @@ def evaluate(
     budget: Budget,
     runtime: RuntimeOptions = RuntimeOptions(),
 ) -> VramVerdict:
-    """Predict the memory of one configuration against ``budget``."""
+    """Predict the memory of one configuration against ``budget``.
+
+    A format module that defines ``place_config(variant, *, max_seq_len, cache, split, runtime,
+    budget_per_device, overhead_per_device) -> VramVerdict`` places the configuration itself (gguf:
+    llama.cpp's layer split); otherwise its ``variant_plan`` is placed by :func:`optimizer.vram.place`.
+    """
     rules = rules_for(config.variant.format)
-    plan = rules.variant_plan(config.variant, max_seq_len=config.max_seq_len, cache=config.cache, runtime=runtime)
     overhead = budget.overhead if budget.overhead is not None else (rules.DEFAULT_OVERHEAD_BYTES,)
+    place_config = getattr(rules, "place_config", None)
+    if place_config is not None:  # the format places layers itself (gguf: llama.cpp's layer split)
+        verdict: VramVerdict = place_config(
+            config.variant, max_seq_len=config.max_seq_len, cache=config.cache, split=config.split,
+            runtime=runtime, budget_per_device=budget.per_device, overhead_per_device=overhead,
+        )
+        return verdict
+    plan = rules.variant_plan(config.variant, max_seq_len=config.max_seq_len, cache=config.cache, runtime=runtime)
     return place(plan=plan, split=config.split, budgets=budget.per_device, overhead_bytes=overhead)
 
 

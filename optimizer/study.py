@@ -585,6 +585,7 @@ def _measure(study: optuna.Study, trial: Any, cand: Candidate, spec: SearchSpec,
         info = engine.prepare(LoadSpec(
             variant=cfg.variant, split=cfg.split, max_seq_len=cfg.max_seq_len, cache=cfg.cache,
             chunk_len=spec.runtime.chunk_len, batch_size=spec.runtime.batch_size, flash_attn=spec.runtime.flash_attn,
+            n_gpu_layers=spec.runtime.n_gpu_layers,
         ))
         st.loads += int(info.model_loaded)
         et = text()

@@ -50,8 +50,10 @@ GIB = 2**30
 MIB = 2**20
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, *, allow_zero: bool = False) -> int:
     """Parse one size such as ``15GB``, ``15G``, ``15GiB``, ``15000MiB``, ``15.5GB`` into bytes.
+
+    ``allow_zero`` accepts ``0`` (e.g. an overhead term); budgets must be positive.
 
     Raises:
         SizeParseError: the text is not a size, uses an unknown unit, or is not positive.
@@ -69,6 +71,8 @@ def parse_size(text: str) -> int:
             f"invalid size {text!r}: unknown unit {m.group(2)!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
         )
     value = float(number) * _UNITS[unit]
+    if allow_zero and value == 0:
+        return 0
     if not math.isfinite(value) or value <= 0:
         raise SizeParseError(f"invalid size {text!r}: must be greater than zero")
     if value > MAX_SIZE:
@@ -79,12 +83,12 @@ def parse_size(text: str) -> int:
     return result
 
 
-def parse_sizes(text: str) -> tuple[int, ...]:
+def parse_sizes(text: str, *, allow_zero: bool = False) -> tuple[int, ...]:
     """Parse a comma-separated per-GPU list (``24GB,24GB``) into bytes per device."""
     parts = [p for p in text.split(",")]
     if not parts or any(not p.strip() for p in parts):
         raise SizeParseError(f"invalid size list {text!r}: expected e.g. 24GB or 24GB,24GB")
-    return tuple(parse_size(p) for p in parts)
+    return tuple(parse_size(p, allow_zero=allow_zero) for p in parts)
 
 
 def fmt_gib(n_bytes: int | float, digits: int = 2) -> str:

@@ -8,6 +8,7 @@ safetensors / GGUF headers), and where the variant lives so a report can say how
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +45,14 @@ class Location:
         """``org/name@revision[/subfolder]`` for the Hub, the path for local variants."""
         if self.kind == "hub":
             s = f"{self.repo_id}@{self.revision or 'main'}"
-            return f"{s}/{self.subfolder}" if self.subfolder else s
+            s = f"{s}/{self.subfolder}" if self.subfolder else s
+            return f"{s}/{self.files[0]}" if self.is_gguf_files else s
         return str(self.path)
+
+    @property
+    def is_gguf_files(self) -> bool:
+        """The variant is a set of ``.gguf`` files (one per quant): they, not a folder, identify it."""
+        return bool(self.files) and all(f.lower().endswith(".gguf") for f in self.files)
 
     def download_command(self) -> str:
         """A shell command that fetches exactly this variant (empty for local variants)."""
@@ -53,6 +60,8 @@ class Location:
             return ""
         rev = f" --revision {self.revision}" if self.revision and self.revision != "main" else ""
         inc = f" --include '{self.subfolder}/*'" if self.subfolder else ""
+        if self.is_gguf_files:  # exactly this quant's file(s): hf download org/name [sub/]file ...
+            inc = "".join(" " + shlex.quote(f"{self.subfolder}/{f}" if self.subfolder else f) for f in self.files)
         name = (self.repo_id or "model").split("/")[-1]
         label = self.revision if self.revision and self.revision != "main" else ""
         local = f"{name}-{label}" if label else name

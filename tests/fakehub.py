@@ -14,7 +14,9 @@
 Weight shards are *header-only* safetensors files (``write_header_only``) built from tiny configs
 with ``optimizer.formats.exl2_synth``: the header bytes are real, the data is absent. The tree reports
 the size the full file would have. Every request is recorded (method, path, Range, whether an
-Authorization header was present -- never its value) so tests can prove no weight data was fetched.
+Authorization header was present -- never its value) so tests can prove no weight data was fetched;
+``served`` adds the body bytes of every file GET. GGUF repos serve real (tiny) GGUF files, built with
+``gguf_fake_files`` from files written by ``tests/gguf_util.write_tiny_gguf``.
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ class FakeHub:
 
     repos: dict[str, FakeRepo] = field(default_factory=dict)
     requests: list[Req] = field(default_factory=list)
+    served: list[tuple[str, int]] = field(default_factory=list)  #: (path, body bytes) of file GETs
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -182,6 +185,23 @@ class FakeHub:
     def weight_gets(self) -> list[Req]:
         """Every GET of a ``.safetensors`` file."""
         return [r for r in self.requests if r.method == "GET" and r.path.endswith(".safetensors")]
+
+    def gguf_gets(self) -> list[Req]:
+        """Every GET of a ``.gguf`` file."""
+        return [r for r in self.requests if r.method == "GET" and r.path.endswith(".gguf")]
+
+    def bytes_served(self, suffix: str = ".gguf") -> dict[str, int]:
+        """Body bytes sent per ``/resolve/`` path ending in ``suffix`` (GET answers only)."""
+        out: dict[str, int] = {}
+        for path, n in self.served:
+            if path.endswith(suffix):
+                out[path] = out.get(path, 0) + n
+        return out
+
+
+def gguf_fake_files(files: dict[str, Path]) -> dict[str, FakeFile]:
+    """Repo files from local GGUF files (``{repo path: local file}``), served byte for byte."""
+    return {name: FakeFile(Path(p).read_bytes()) for name, p in files.items()}
 
 
 _API_RE = re.compile(r"^/api/models/([^/]+)/([^/]+)(?:/(refs|tree|paths-info|revision)(?:/([^/]+)(?:/(.*))?)?)?/?$")
@@ -250,7 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
             f = files[path]
             e: dict[str, Any] = {"type": "file", "path": path, "size": f.listed_size,
                                  "oid": hashlib.sha1(f.data).hexdigest()}
-            if path.endswith(".safetensors"):
+            if path.endswith((".safetensors", ".gguf")):
                 e["lfs"] = {"oid": hashlib.sha256(f.data).hexdigest(), "size": f.listed_size, "pointerSize": 134}
             out.append(e)
         for d in sorted(dirs):
@@ -349,6 +369,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
             headers["Content-Range"] = f"bytes {start}-{start + len(chunk) - 1}/{len(data)}"
             headers["Content-Length"] = str(len(chunk))
+            self.fake.served.append((unquote(urlsplit(self.path).path), len(chunk)))
             return self._send(206, chunk, headers, ctype="application/octet-stream")
         headers["Content-Length"] = str(len(data))
+        if self.command == "GET":
+            self.fake.served.append((unquote(urlsplit(self.path).path), len(data)))
         self._send(200, data, headers, ctype="application/octet-stream")

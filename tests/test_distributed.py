@@ -118,17 +118,20 @@ def test_three_workers_one_sigkilled_mid_trial(tmp_path: Path, models: Path, eva
                         eval_file=eval_file),
             env=_env(logs[i], 1.5, CUDA_VISIBLE_DEVICES=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True))
-    # kill worker 1 while it is inside a measurement (after 'ppl' started, before 'speed')
-    def mid_trial() -> bool:
-        c = _calls(logs[1])
+    # kill a joining worker while it is inside a measurement (after 'ppl' started, before 'speed')
+    def mid_trial(i: int) -> bool:
+        c = _calls(logs[i])
         return sum(w == "ppl" for w, _ in c) > sum(w == "speed" for w, _ in c)
 
-    _wait(mid_trial, 60, "worker 1 to be mid-trial")
-    killed_key = [k for w, k in _calls(logs[1]) if w == "cache"][-1]
-    procs[1].send_signal(signal.SIGKILL)
-    procs[1].wait(10)
+    victim: list[int] = []
+    _wait(lambda: victim.extend(i for i in (1, 2) if mid_trial(i)) or bool(victim), 90, "a joining worker mid-trial")
+    v = victim[0]
+    survivor = 3 - v
+    killed_key = [k for w, k in _calls(logs[v]) if w == "cache"][-1]
+    procs[v].send_signal(signal.SIGKILL)
+    procs[v].wait(10)
     outs = {}
-    for i in (0, 2):
+    for i in (0, survivor):
         out, err = procs[i].communicate(timeout=120)
         outs[i] = (out, err)
         assert procs[i].returncode == 0, err[-2000:]
@@ -142,18 +145,19 @@ def test_three_workers_one_sigkilled_mid_trial(tmp_path: Path, models: Path, eva
     assert set(measured.values()) == {1}, measured  # ...exactly one stored result each: nothing lost or doubled
     stale = [t for t in trials if t.state == TrialState.FAIL]
     assert len(stale) == 1 and stale[0].user_attrs.get("reason") == "stale", [(t.number, t.user_attrs) for t in stale]
-    assert stale[0].user_attrs["worker"].split(":")[1] == str(procs[1].pid)
+    assert stale[0].user_attrs["worker"].split(":")[1] == str(procs[v].pid)
     # what ran on an engine: every configuration once, the killed one twice (killed + retry), nothing else
     prepared = _prepared_configs(logs)
     assert len(prepared) == n_configs
     twice = {k for k, n in prepared.items() if n > 1}
     assert twice == {killed_key} and prepared[killed_key] == 2, prepared
     # the retry ran on a surviving worker
-    assert killed_key in {k for i in (0, 2) for w, k in _calls(logs[i]) if w == "cache"}
-    # both survivors took part (the work was shared), each on its own GPU
+    assert killed_key in {k for i in (0, survivor) for w, k in _calls(logs[i]) if w == "cache"}
+    # every measurement names its worker and that worker's GPU (CUDA_VISIBLE_DEVICES)
     workers = Counter(t.user_attrs.get("worker", "").rsplit(":", 1)[-1] for t in trials
                       if t.user_attrs.get("status") == "measured")
-    assert workers["gpu0"] > 0 and workers["gpu2"] > 0, workers
+    assert workers["gpu0"] > 0 and set(workers) <= {"gpu0", f"gpu{survivor}"}, workers
+    assert stale[0].user_attrs["worker"].endswith(f":gpu{v}")
     _check_report(tmp_path, study, postgres_url, set(measured))
 
 
@@ -310,3 +314,55 @@ def test_second_search_on_one_embedded_study_is_refused_and_the_first_completes(
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)]
     measured = Counter(t.user_attrs["config_key"] for t in trials if t.user_attrs.get("status") == "measured")
     assert len(measured) == 9 and set(measured.values()) == {1}
+
+
+# ----- fast unit checks of the worker layer ---------------------------------------------------------
+
+
+def test_spec_survives_the_study_record_round_trip(models: Path) -> None:
+    """A worker without --model rebuilds exactly the spec (same fingerprint) the first worker stored."""
+    import json as _json
+
+    from optimizer.backends.base import EvalProtocol, SpeedProtocol
+    from optimizer.distributed import spec_from_record, spec_record
+    from optimizer.sources.local import discover_local
+    from optimizer.space import Budget
+    from optimizer.study import SearchSpec
+    from optimizer.vram import Split
+
+    spec = SearchSpec(variants=tuple(discover_local(models)), budget=Budget(per_device=(8 * 10**9, 6 * 10**9)),
+                      split=Split(mode="auto", n_devices=2), contexts=(2048, 4096), caches=("q4",), min_ctx=1024,
+                      eval_protocol=EvalProtocol(window=64, n_windows=1, prefill=32, score_chunk=16),
+                      speed_protocol=SpeedProtocol(context_fill=512))
+    rec = _json.loads(_json.dumps(spec_record(spec)))  # what the storage keeps is JSON
+    back = spec_from_record(rec)
+    assert back.fingerprint() == spec.fingerprint()
+    assert [v.tensors for v in back.variants] == [v.tensors for v in spec.variants]
+    assert back.split.label == "auto:2"
+
+
+def test_safe_url_hides_the_password() -> None:
+    from optimizer.distributed import safe_url
+
+    shown = safe_url("postgresql+psycopg://user:p%40ss-w0rd@db.example:5432/exl2opt")
+    assert "p%40ss-w0rd" not in shown and "p@ss-w0rd" not in shown
+    assert "user" in shown and "db.example" in shown
+
+
+def test_scan_gives_up_a_configuration_after_max_retry_stale_failures() -> None:
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from optimizer.distributed import scan
+
+    study = optuna.create_study(directions=["minimize", "maximize", "maximize"])
+    dist = {"x": CategoricalDistribution(("a", "b"))}
+    for key, n_stale in (("a", 2), ("b", 1)):
+        for _ in range(n_stale):
+            study.add_trial(create_trial(params={"x": key}, distributions=dist, state=TrialState.FAIL,
+                                         user_attrs={"config_key": key, "status": "failed", "reason": "stale"}))
+    led = scan(study, max_retry=1)
+    assert led.stale == {"a": 2, "b": 1}
+    assert led.done["a"]["status"] == "failed" and "given up" in led.done["a"]["reason"]
+    assert "b" not in led.done  # one retry is still due

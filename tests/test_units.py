@@ -37,3 +37,11 @@ def test_parse_sizes_per_gpu_list():
 
 def test_budget_printed_in_both_units():
     assert fmt_both(15 * 10**9) == "15.00 GB (13.97 GiB)"
+
+
+def test_zero_only_where_allowed():
+    assert parse_size("0MiB", allow_zero=True) == 0
+    with pytest.raises(SizeParseError):
+        parse_size("0MiB")
+    with pytest.raises(SizeParseError):
+        parse_size("-1MiB", allow_zero=True)

@@ -47,6 +47,7 @@ class LoadSpec:
     chunk_len: int = 2048
     batch_size: int = 1
     flash_attn: bool = False
+    n_gpu_layers: int | None = None  #: llama.cpp layers offloaded (None = all); ignored by exllamav2
 
     @property
     def model_key(self) -> tuple[str, str]:

@@ -39,6 +39,7 @@ from optimizer.backends.base import (
 from optimizer.errors import BackendUnavailableError, EngineError, EngineOOMError
 from optimizer.formats import RuntimeOptions
 from optimizer.formats.gguf import GGML_TYPE_IDS, LlamaSettings
+from optimizer.vram import Split
 
 MIB = 2**20
 INSTALL_HINT = ("llama-cpp-python is not installed: pip install llama-cpp-python "
@@ -130,10 +131,23 @@ def parse_buffers(lines: Sequence[str]) -> LlamaBuffers:
 # ----- low-level loading ------------------------------------------------------------------------
 
 
-def _model_params(*, n_gpu_layers: int | None, dry: bool) -> Any:
+def _model_params(*, n_gpu_layers: int | None, dry: bool, split: Split | None = None) -> Any:
+    """llama.cpp model parameters. ``split`` sets a LAYER split with the explicit ``tensor_split``
+    proportions the memory model assumes (``gguf_rules.tensor_split_of``: single = ``[1]``, i.e.
+    everything on GPU 0; auto = even; manual = the given proportions). The ctypes array is kept alive."""
     llama_cpp = _llama()
     mp = llama_cpp.llama_model_default_params()
     mp.n_gpu_layers = -1 if n_gpu_layers is None else n_gpu_layers
+    if split is not None:
+        from optimizer.formats.gguf_rules import tensor_split_of
+
+        props = tensor_split_of(split)
+        n_max = int(llama_cpp.LLAMA_MAX_DEVICES)
+        if len(props) > n_max:
+            raise EngineError(f"llama.cpp supports at most {n_max} devices, the split names {len(props)}")
+        arr = _KEEP_ALIVE.setdefault(props, (ctypes.c_float * n_max)(*props))
+        mp.split_mode = llama_cpp.LLAMA_SPLIT_MODE_LAYER
+        mp.tensor_split = ctypes.cast(arr, ctypes.POINTER(ctypes.c_float))
     if dry:
         mp.no_alloc = True
         mp.load_mode = 0  # LLAMA_LOAD_MODE_NONE: no_alloc with mmap aborts the process
@@ -179,6 +193,10 @@ def dry_run(path: str, s: LlamaSettings, *, n_threads: int = 1) -> tuple[LlamaBu
     return parse_buffers(lines), size
 
 
+#: ctypes arrays handed to llama.cpp as ``tensor_split``, one per distinct split (kept for the process).
+_KEEP_ALIVE: dict[tuple[float, ...], Any] = {}
+
+
 def settings_for_spec(spec: LoadSpec, *, n_gpu_layers: int | None = None) -> LlamaSettings:
     """The llama.cpp settings of a load spec (same rule as the memory model, ``gguf_rules.settings_for``)."""
     from optimizer.formats.gguf_rules import settings_for
@@ -202,7 +220,7 @@ class LlamaCppEngine:
         self._model: Any = None
         self._ctx: Any = None
         self._vocab: Any = None
-        self._model_key: tuple[str, str] | None = None
+        self._model_key: tuple[str, ...] | None = None
         self._ctx_settings: LlamaSettings | None = None
         self._model_buffers = LlamaBuffers()
         self._ctx_buffers = LlamaBuffers()
@@ -212,21 +230,24 @@ class LlamaCppEngine:
     # -- loading
     def prepare(self, spec: LoadSpec) -> PrepareInfo:
         lc = self._llama
-        s = settings_for_spec(spec, n_gpu_layers=self.n_gpu_layers)
+        n_gpu = spec.n_gpu_layers if spec.n_gpu_layers is not None else self.n_gpu_layers
+        s = settings_for_spec(spec, n_gpu_layers=n_gpu)
         t0 = time.perf_counter()
         loaded = False
-        if spec.model_key != self._model_key:
+        model_key = (*spec.model_key, str(n_gpu))
+        if model_key != self._model_key:
             self.unload()
             path = spec.variant.location.path
             if spec.variant.format != "gguf" or not path:
                 raise EngineError(f"{spec.variant.source}: the llamacpp backend runs local GGUF variants only")
             with capture_log() as lines:
-                model = lc.llama_model_load_from_file(path.encode(), _model_params(n_gpu_layers=s.n_gpu_layers, dry=False))
+                model = lc.llama_model_load_from_file(
+                    path.encode(), _model_params(n_gpu_layers=s.n_gpu_layers, dry=False, split=spec.split))
             self.log = list(lines)
             if not model:
                 raise EngineOOMError(f"{path}: llama.cpp could not load the model") if _looks_oom(lines) else \
                     EngineError(f"{path}: llama.cpp could not load the model")
-            self._model, self._model_key = model, spec.model_key
+            self._model, self._model_key = model, model_key
             self._vocab = lc.llama_model_get_vocab(model)
             self._model_buffers = parse_buffers(lines)
             self._model_size = int(lc.llama_model_size(model))

@@ -19,7 +19,11 @@ from optimizer.vram import Split
 ModelOpt = typer.Option(..., "--model", "-m", help="Local dir, dir of variant dirs, or Hub repo (org/name[@revision]). Repeatable.")
 VramOpt = typer.Option(..., "--vram", help="VRAM per GPU: 15GB (10^9 B), 15GiB (2^30 B), 15000MiB, or a per-GPU list 24GB,24GB.")
 GpusOpt = typer.Option(None, "--gpus", help="Number of GPUs, autosplit as ExLlamaV2 load_autosplit does.")
-GpuSplitOpt = typer.Option(None, "--gpu-split", help="Manual split: GiB of weights per GPU, as ExLlamaV2's gpu_split (e.g. 10,15).")
+GpuSplitOpt = typer.Option(
+    None, "--gpu-split",
+    help="Manual split. exl2: GiB of weights per GPU, as ExLlamaV2's gpu_split (e.g. 10,15). "
+         "GGUF: llama.cpp tensor_split proportions of the offloaded layers (10,15 = 40%/60%).",
+)
 CtxOpt = typer.Option(
     "auto", "--ctx", help="Context lengths, comma-separated (8192,16k), or 'auto' (powers of two up to the model's default)."
 )
@@ -31,12 +35,23 @@ FlashOpt = typer.Option(
     False, "--flash-attn/--no-flash-attn", help="Assume flash-attention (Ampere+). Without it (e.g. T4), SDPA copies K/V per head."
 )
 OfflineOpt = typer.Option(False, "--offline", help="Use only cached Hub metadata; no network.")
+def _check_n_gpu_layers(value: Optional[int]) -> Optional[int]:
+    if value is not None and not 0 <= value <= 100000:
+        raise BadOptionError(f"--n-gpu-layers must be 0 or more, got {value}")
+    return value
+
+
+NGpuLayersOpt = typer.Option(
+    None, "--n-gpu-layers", callback=_check_n_gpu_layers,
+    help="GGUF only: layers llama.cpp offloads to the GPUs (output layer first, then the last repeating "
+         "layers); default all. Ignored by exl2.",
+)
 
 
 def budget_from(*, vram: str, overhead: Optional[str]) -> Budget:
     """``--vram`` and ``--overhead`` to a :class:`Budget` (bytes)."""
     per = parse_sizes(vram)
-    ov = parse_sizes(overhead) if overhead else None
+    ov = parse_sizes(overhead, allow_zero=True) if overhead else None
     return Budget(per_device=per, overhead=ov)
 
 

@@ -57,6 +57,7 @@ def plan(
     batch: int = c.BatchOpt,
     flash_attn: bool = c.FlashOpt,
     offline: bool = c.OfflineOpt,
+    n_gpu_layers: Optional[int] = c.NGpuLayersOpt,
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write every configuration to this CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (with per-GPU breakdowns) instead of a table."),
     only_fits: bool = typer.Option(False, "--fits-only", help="Show only configurations that fit."),
@@ -66,7 +67,7 @@ def plan(
     split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget)
     contexts = c.parse_contexts(ctx)
     caches = c.parse_caches(cache)
-    runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn)
+    runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers)
     variants = resolve_sources(specs=model, hub=c.hub_options(offline=offline))
     if caches:
         caches = check_caches(variants, caches)
@@ -120,6 +121,7 @@ def fit(
     batch: int = c.BatchOpt,
     flash_attn: bool = c.FlashOpt,
     offline: bool = c.OfflineOpt,
+    n_gpu_layers: Optional[int] = c.NGpuLayersOpt,
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the answer to this CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
@@ -127,13 +129,16 @@ def fit(
     budget = c.budget_from(vram=vram, overhead=overhead)
     split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget)
     caches = c.parse_caches(cache)
-    runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn)
+    runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers)
     variants = resolve_sources(specs=model, hub=c.hub_options(offline=offline))
     from optimizer.formats import rules_for
 
+    if caches:
+        caches = check_caches(variants, caches)
     records = []
     for v in variants:
-        cms = check_caches([v], caches) if caches else rules_for(v.format).CACHE_MODE_NAMES
+        allowed = rules_for(v.format).CACHE_MODE_NAMES
+        cms = tuple(cm for cm in caches if cm in allowed) if caches else allowed
         for cm in cms:
             records.append(fit_record(max_context(variant=v, cache=cm, split=split, budget=budget, runtime=runtime)))
     if csv_path is not None:

@@ -46,6 +46,7 @@ def search(
     batch: int = c.BatchOpt,
     flash_attn: bool = c.FlashOpt,
     offline: bool = c.OfflineOpt,
+    n_gpu_layers: Optional[int] = c.NGpuLayersOpt,
     min_ctx: int = typer.Option(2048, "--min-ctx", help="Floor on context length (tokens); smaller configurations are not searched."),
     n_trials: Optional[int] = typer.Option(None, "--n-trials", help="GPU trials to run now (default: until the space is exhausted)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop starting new trials after this many seconds."),
@@ -93,7 +94,7 @@ def search(
     split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget)
     contexts = c.parse_contexts(ctx)
     caches = c.parse_caches(cache)
-    runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn)
+    runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers)
     variants = resolve_sources(specs=model, hub=c.hub_options(offline=offline))
     if caches:
         caches = check_caches(variants, caches)

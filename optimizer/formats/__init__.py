@@ -53,6 +53,10 @@ class FormatRules(Protocol):
         """Granularity of usable context lengths (tokens)."""
         ...
 
+    # Optional: ``place_config(variant, *, max_seq_len, cache, split, runtime, budget_per_device,
+    # overhead_per_device) -> VramVerdict``; when present ``optimizer.space.evaluate`` uses it instead
+    # of ``optimizer.vram.place`` (gguf: llama.cpp's layer split and partial offload).
+
 
 _REGISTRY: dict[str, str] = {
     "exl2": "optimizer.formats.exl2_rules",

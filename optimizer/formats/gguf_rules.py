@@ -18,9 +18,19 @@ from functools import lru_cache
 
 from optimizer.errors import BadOptionError
 from optimizer.formats import RuntimeOptions
-from optimizer.formats.gguf import GgufModel, LlamaSettings, memory_plan, model_from_config
+from optimizer.formats.gguf import (
+    GGML_TYPE_IDS,
+    GGML_TYPES,
+    GgufModel,
+    LlamaSettings,
+    check_settings,
+    memory_plan,
+    model_from_config,
+    predict_devices,
+    split_layers,
+)
 from optimizer.variant import Variant
-from optimizer.vram import MIB, MemoryPlan
+from optimizer.vram import GIB, MIB, DeviceBreakdown, MemoryPlan, Split, VramVerdict
 
 FORMAT = "gguf"
 #: KV types offered by default (symmetric) plus the usual mixed pairs.
@@ -30,7 +40,7 @@ DEFAULT_OVERHEAD_BYTES = 512 * MIB
 #: n_ubatch llama-cpp-python uses (its default); also the compute-buffer ubatch of the rules.
 DEFAULT_UBATCH = 512
 __all__ = ["FORMAT", "CACHE_MODE_NAMES", "DEFAULT_OVERHEAD_BYTES", "model_of", "default_context",
-           "variant_plan", "context_step", "kv_types", "settings_for"]
+           "variant_plan", "context_step", "kv_types", "settings_for", "place_config", "tensor_split_of", "kv_type_problem"]
 
 
 @lru_cache(maxsize=256)
@@ -74,3 +84,87 @@ def settings_for(*, max_seq_len: int, cache: str, runtime: RuntimeOptions) -> Ll
 def variant_plan(variant: Variant, *, max_seq_len: int, cache: str, runtime: RuntimeOptions) -> MemoryPlan:
     plan: MemoryPlan = memory_plan(model_of(variant), settings_for(max_seq_len=max_seq_len, cache=cache, runtime=runtime))
     return plan
+
+
+def place_config(
+    variant: Variant,
+    *,
+    max_seq_len: int,
+    cache: str,
+    split: Split,
+    runtime: RuntimeOptions,
+    budget_per_device: tuple[int, ...],
+    overhead_per_device: tuple[int, ...],
+) -> VramVerdict:
+    """Per-GPU memory of a GGUF configuration as llama.cpp places it (LAYER split), in bytes.
+
+    ``split`` means, for llama.cpp:
+
+    * ``single``: one GPU (``split_mode=NONE``, ``main_gpu=0``);
+    * ``auto`` with ``n_devices = N``: an even ``tensor_split`` over N GPUs (``[1] * N``);
+    * ``manual``: ``gpu_split`` is the ``tensor_split`` *proportions* (``10,15`` puts 40 % of the
+      offloaded layers on GPU 0 and 60 % on GPU 1), not GiB as for exl2.
+
+    ``runtime.n_gpu_layers`` (None = all) offloads the output layer first, then the last ``k - 1``
+    repeating layers (:func:`optimizer.formats.gguf.predict_devices`). Every device of the split is
+    charged ``overhead_per_device`` (its CUDA context); weights, KV cache (``cache``) and the compute
+    buffer (``transient``) are ``predict_devices``'s numbers. A KV type llama.cpp refuses for this
+    model (e.g. a quantized type whose block size does not divide the head dimension) gives an
+    unplaced verdict with the reason instead of an error.
+    """
+    n = 1 if split.mode == "single" else max(split.n_devices, 1)
+    budgets = _expand(budget_per_device, n)
+    overheads = _expand(overhead_per_device, n)
+    m = model_of(variant)
+    s = settings_for(max_seq_len=max_seq_len, cache=cache, runtime=runtime)
+    problem = kv_type_problem(m, s)
+    if problem:
+        devs = tuple(DeviceBreakdown(index=i, budget=budgets[i], overhead=overheads[i]) for i in range(n))
+        return VramVerdict(devices=devs, placed=False, reason=problem)
+    preds = predict_devices(m, s, tensor_split=tensor_split_of(split))
+    where = split_layers(m, n_gpu_layers=s.n_gpu_layers, tensor_split=tensor_split_of(split))
+    devs = tuple(
+        DeviceBreakdown(
+            index=i, budget=budgets[i], overhead=overheads[i], weights=p.weights, cache=p.kv, transient=p.compute,
+            n_modules=sum(1 for d in where.values() if d == i),
+            n_kv_layers=sum(1 for il, d in where.items() if d == i and il < m.n_layer),
+        )
+        for i, p in enumerate(preds)
+    )
+    over = [d for d in devs if not d.fits]
+    reason = f"GPU {over[0].index} needs {over[0].total / GIB:.2f} GiB of {over[0].budget / GIB:.2f} GiB" if over else ""
+    return VramVerdict(devices=devs, placed=True, reason=reason)
+
+
+def tensor_split_of(split: Split) -> tuple[float, ...]:
+    """llama.cpp ``tensor_split`` proportions of a :class:`~optimizer.vram.Split` (see :func:`place_config`)."""
+    if split.mode == "single":
+        return (1.0,)
+    if split.mode == "manual":
+        return tuple(float(g) for g in split.gpu_split)
+    return (1.0,) * max(split.n_devices, 1)
+
+
+def _expand(values: tuple[int, ...], n: int) -> tuple[int, ...]:
+    if len(values) == 1:
+        return tuple(values) * n
+    if len(values) != n:
+        raise BadOptionError(f"expected 1 or {n} per-GPU values, got {len(values)}")
+    return tuple(values)
+
+
+def kv_type_problem(m: GgufModel, s: LlamaSettings) -> str:
+    """Why llama.cpp refuses these KV types for this model, or ``""``: a quantized V cache without
+    flash attention, a block size that does not divide the head dimension (flash attention) or a
+    layer's K/V row (``n_head_kv * head_dim`` elements)."""
+    try:
+        check_settings(s, m)
+    except BadOptionError as e:
+        return str(e)
+    for t, dim in ((s.type_k, m.head_dim_k), (s.type_v, m.head_dim_v)):
+        block = GGML_TYPES[GGML_TYPE_IDS[t.lower()]][1]
+        for hkv in set(m.n_head_kv):
+            if (hkv * dim) % block:
+                return (f"KV cache type {t} needs rows that are a multiple of {block} elements "
+                        f"(this model has {hkv} KV heads x {dim})")
+    return ""

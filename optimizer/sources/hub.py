@@ -5,7 +5,8 @@ lists each revision's files, and for every directory that holds ``config.json`` 
 (``output*.safetensors``; converter leftovers and stale ``model.safetensors.index.json`` files are
 ignored) downloads config.json (a few kB) and reads each shard's safetensors header with HTTP range
 requests. ``org/name@rev`` looks at that revision only. Sub-folder layouts (``3.0bpw/config.json``)
-give one variant per folder.
+give one variant per folder. ``.gguf`` files at any revision are GGUF variants, one per quant file or
+split set, read from their headers only (``optimizer.sources.hub_gguf``).
 
 Everything read is stored in :class:`~optimizer.sources.cache.MetaCache`; a repeated run reuses it
 per commit sha, and ``offline=True`` or an unreachable Hub falls back to it. The token (``HF_TOKEN``)
@@ -223,6 +224,12 @@ def _fetch_revision(*, api: HfApi, repo_id: str, revision: str, options: HubOpti
             "config": config,
             "tensors": tensors,
         })
+    from optimizer.sources.hub_gguf import fetch_gguf_docs
+
+    docs += fetch_gguf_docs(
+        repo_id=repo_id, revision=revision, sizes=sizes, endpoint=api.endpoint, token=options.token,
+        errors=lambda: _hub_errors(repo_id=repo_id, revision=revision, options=options),
+    )
     return docs
 
 
@@ -278,6 +285,10 @@ def _from_cache(*, spec: RepoSpec, cache: MetaCache) -> tuple[Variant, ...] | No
 
 
 def _variant_from_doc(doc: dict[str, Any], *, repo_id: str, revision: str, commit: str | None) -> Variant:
+    if doc.get("format") == "gguf":
+        from optimizer.sources.hub_gguf import variant_from_doc
+
+        return variant_from_doc(doc, repo_id=repo_id, revision=revision, commit=commit)
     where = f"{repo_id}@{revision}"
     config = doc.get("config")
     rows = doc.get("tensors")
@@ -315,5 +326,7 @@ def _variant_from_doc(doc: dict[str, Any], *, repo_id: str, revision: str, commi
 def _finish(variants: list[Variant], *, spec: RepoSpec) -> tuple[Variant, ...]:
     if not variants:
         where = spec.repo_id + (f"@{spec.revision}" if spec.revision else " (any branch)")
-        raise ModelSourceError(f"{where}: no exl2 variant found (config.json with output*.safetensors)")
+        raise ModelSourceError(
+            f"{where}: no exl2 or GGUF variant found (config.json with output*.safetensors, or *.gguf files)"
+        )
     return tuple(sorted(variants, key=lambda v: (v.bits if v.bits is not None else 99.0, v.label, v.source)))
