@@ -203,3 +203,30 @@ def test_plan_cli_two_gpus_and_n_gpu_layers(variant, tmp_path):
     assert sum(x["modules"] for x in part) == 2
     r3 = _cli("plan", "-m", d, "--vram", "1GB", "--gpus", "2", "--json", "--n-gpu-layers", "-1", cwd=tmp_path)
     assert r3.returncode == 2
+
+
+def test_llamacpp_backend_passes_the_split_and_offload(variant):
+    """The engine loads with the tensor_split / n_gpu_layers the memory model assumed."""
+    pytest.importorskip("llama_cpp")
+    import llama_cpp
+
+    from optimizer.backends.base import LoadSpec
+    from optimizer.backends.llamacpp import LlamaCppEngine, _model_params
+
+    for split, want in ((Split(mode="single"), (1.0,)), (Split(mode="auto", n_devices=3), (1.0, 1.0, 1.0)),
+                        (Split(mode="manual", gpu_split=(10, 15)), (10.0, 15.0))):
+        mp = _model_params(n_gpu_layers=3, dry=False, split=split)
+        assert mp.n_gpu_layers == 3 and mp.split_mode == llama_cpp.LLAMA_SPLIT_MODE_LAYER
+        got = tuple(mp.tensor_split[i] for i in range(int(llama_cpp.LLAMA_MAX_DEVICES)))
+        assert got[: len(want)] == want and not any(got[len(want):])
+    assert _model_params(n_gpu_layers=None, dry=False).n_gpu_layers == -1
+    eng = LlamaCppEngine(n_threads=1)
+    try:
+        spec = LoadSpec(variant=variant, split=Split(mode="auto", n_devices=2), max_seq_len=256, cache="f16",
+                        chunk_len=64, n_gpu_layers=2)
+        assert eng.prepare(spec).model_loaded
+        assert not eng.prepare(spec).model_loaded
+        assert eng.prepare(LoadSpec(variant=variant, split=spec.split, max_seq_len=256, cache="f16",
+                                    chunk_len=64, n_gpu_layers=None)).model_loaded, "n_gpu_layers changes the model"
+    finally:
+        eng.close()

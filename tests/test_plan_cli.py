@@ -85,3 +85,10 @@ def test_help_and_plan_never_import_heavy_modules(model_dir):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("argv", [["plan", "--bogus"], ["plan", "-m", "x"], ["nosuchcommand"]])
+def test_click_usage_errors_exit_2_without_traceback(argv, capsys):
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert "Traceback" not in err and "internal error" not in err

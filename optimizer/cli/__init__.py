@@ -55,6 +55,12 @@ def _register() -> None:
 _register()
 
 
+def _is_click_error(e: BaseException) -> bool:
+    """A click usage error (unknown option, missing value...). Typer 0.29 vendors its own click
+    (``typer._click``), so match any ``ClickException`` class by name rather than by identity."""
+    return any(c.__name__ == "ClickException" for c in type(e).__mro__) and hasattr(e, "show")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
     _DEBUG["on"] = os.environ.get("EXL2OPT_DEBUG", "") not in ("", "0") or "--debug" in (argv or sys.argv[1:])
@@ -79,11 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         print("exl2opt: aborted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as e:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+        if _is_click_error(e):
+            e.show()  # type: ignore[attr-defined]
+            sys.exit(e.exit_code)  # type: ignore[attr-defined]
         if _DEBUG["on"]:
             raise
         print(f"exl2opt: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
