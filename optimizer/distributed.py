@@ -37,12 +37,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import functools
 import hashlib
-import json
 import os
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,18 @@ from typing import TYPE_CHECKING, Any
 
 from optimizer.errors import StorageError
 from optimizer.evaldata import EvalText
-from optimizer.storage import DEFAULT_ROOT, VARIANTS_NAME, study_dir, sweep_stale
+from optimizer.storage import (
+    DEFAULT_ROOT,
+    VARIANTS_NAME,
+    Heartbeat,
+    engine_kwargs,
+    first_line,
+    open_storage,
+    safe_url,
+    study_dir,
+    sweep_stale,
+    this_host,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -88,93 +98,12 @@ class WorkerOptions:
     def grace(self) -> int:
         return self.grace_period if self.grace_period is not None else GRACE_FACTOR * self.heartbeat_interval
 
+    @property
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(interval=self.heartbeat_interval, grace=self.grace, max_retry=self.max_retry)
+
 
 # ----- storage ----------------------------------------------------------------------------------
-
-
-def safe_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for messages; never log a raw URL)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not an SQLAlchemy URL: keep scheme and host only
-        scheme, _, rest = url.partition("://")
-        host = rest.rpartition("@")[2].split("/")[0]
-        return f"{scheme}://{host}/..." if rest else "<storage>"
-
-
-def is_rdb(url: str | None) -> bool:
-    return bool(url) and str(url).startswith(("sqlite:", "postgresql", "mysql"))
-
-
-def _rdb_engine_kwargs(url: str) -> dict[str, Any]:
-    if url.startswith("sqlite:"):
-        return {"connect_args": {"timeout": 20}}
-    if url.startswith("postgresql"):
-        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
-    return {"pool_pre_ping": True}
-
-
-def open_worker_storage(*, study: str, url: str | None, root: Path = DEFAULT_ROOT,
-                        options: WorkerOptions = WorkerOptions(),
-                        sleep: Callable[[float], None] = time.sleep) -> Any:
-    """The study's storage, with heartbeats and stale-trial retries when it is a database.
-
-    A database that cannot be reached is tried ``options.connect_attempts`` times with a doubling
-    back-off, then reported as one line (password hidden).
-
-    Raises:
-        StorageError: the storage cannot be opened or reached.
-    """
-    if not is_rdb(url):
-        from optimizer.storage import open_storage
-
-        return open_storage(study=study, url=url, root=root)
-    assert url is not None
-    from optuna.exceptions import ExperimentalWarning
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    last: BaseException | None = None
-    delay = 1.0
-    for attempt in range(max(options.connect_attempts, 1)):
-        try:
-            with warnings.catch_warnings():  # heartbeat and its retry callback are "experimental" in Optuna
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                return RDBStorage(
-                    url,
-                    engine_kwargs=_rdb_engine_kwargs(url),
-                    heartbeat_interval=options.heartbeat_interval,
-                    grace_period=options.grace,
-                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=options.max_retry),
-                )
-        except ImportError as e:
-            raise StorageError(f"cannot open {safe_url(url)}: missing database driver ({e.name}); "
-                               "pip install 'exl2opt[postgres]'") from None
-        except Exception as e:  # sqlalchemy OperationalError / ArgumentError ...
-            if type(e).__name__ in ("ArgumentError", "NoSuchModuleError") or isinstance(e, ValueError):
-                from optimizer.errors import BadOptionError
-
-                raise BadOptionError(f"invalid --storage URL {safe_url(url)} ({type(e).__name__}: "
-                                     f"{_first_line(e)}); expected e.g. postgresql+psycopg://user:password@host:5432/db"
-                                     ) from None
-            last = e
-            if attempt + 1 < options.connect_attempts:
-                sleep(delay)
-                delay *= 2
-    assert last is not None
-    raise StorageError(
-        f"cannot reach the study storage {safe_url(url)} after {max(options.connect_attempts, 1)} attempt(s) "
-        f"({type(last).__name__}: {_first_line(last)}); is the server running and reachable from this machine?"
-    ) from None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    text = lines[0] if lines else ""
-    if "(Background on this error" in text:
-        text = text.split("(Background on this error")[0].strip()
-    return text[:200]
 
 
 def is_storage_error(e: BaseException) -> bool:
@@ -233,7 +162,7 @@ class ClaimLock:
 
             assert self._url is not None
             self._engine = sqlalchemy.create_engine(self._url, poolclass=NullPool,
-                                                    **{k: v for k, v in _rdb_engine_kwargs(self._url).items()
+                                                    **{k: v for k, v in engine_kwargs(self._url).items()
                                                        if k == "connect_args"})
             self._conn = self._engine.connect()
         return self._conn
@@ -261,7 +190,7 @@ class ClaimLock:
             raise
         except Exception as e:
             self._drop()
-            raise StorageError(f"cannot take the study's claim lock ({type(e).__name__}: {_first_line(e)})") from None
+            raise StorageError(f"cannot take the study's claim lock ({type(e).__name__}: {first_line(e)})") from None
         self._depth = 1
 
     def release(self) -> None:
@@ -555,9 +484,10 @@ def spec_from_record(rec: dict[str, Any]) -> SearchSpec:
 SPEC_ATTR = "spec"
 
 
-def load_spec(*, study_name: str, storage_url: str | None, root: Path = DEFAULT_ROOT,
-              options: WorkerOptions = WorkerOptions()) -> SearchSpec:
+def load_spec(*, study_name: str, storage: Any, storage_url: str | None) -> SearchSpec:
     """The search spec stored by the worker or search that created the study.
+
+    ``storage`` is the opened storage of ``storage_url`` (the URL only names it in messages).
 
     Raises:
         StudyError: no such study, or it was created without a stored spec.
@@ -566,7 +496,6 @@ def load_spec(*, study_name: str, storage_url: str | None, root: Path = DEFAULT_
 
     from optimizer.errors import StudyError
 
-    storage = open_worker_storage(study=study_name, url=storage_url, root=root, options=options)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
@@ -584,40 +513,13 @@ def load_spec(*, study_name: str, storage_url: str | None, root: Path = DEFAULT_
 
 def worker_id() -> str:
     """``host:pid[:gpu]`` of this process (``gpu`` = CUDA_VISIBLE_DEVICES when set)."""
-    from optimizer.storage import this_host
-
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
     return f"{this_host()}:{os.getpid()}" + (f":gpu{gpu}" if gpu else "")
 
 
-def _create_or_load(storage: Any, study_name: str) -> optuna.Study:
-    import optuna
-
-    from optimizer.study import METRIC_NAMES
-
-    try:
-        study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
-                                    directions=["minimize", "maximize", "maximize"],
-                                    sampler=optuna.samplers.RandomSampler(seed=0))
-    except json.JSONDecodeError as e:  # a journal line that is not JSON (edited or damaged file)
-        raise StorageError(f"the study storage is damaged: a record is not valid JSON ({e}); restore it from a "
-                           "backup or start a new --study") from None
-    except ValueError as e:  # e.g. an existing study with other directions
-        from optimizer.errors import StudyError
-
-        raise StudyError(f"cannot open study {study_name!r}: {_first_line(e)}") from None
-    if list(study.metric_names or []) != list(METRIC_NAMES):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(list(METRIC_NAMES))
-    return study
-
-
 def run_worker(
     *,
-    spec: SearchSpec,
+    spec: SearchSpec | None,
     study_name: str,
     backend_factory: BackendFactory,
     eval_text: Callable[[], EvalText],
@@ -630,6 +532,8 @@ def run_worker(
     log: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """Join (or create) ``study_name`` and measure configurations until none is left.
+
+    ``spec`` None: use the spec kept in the study (a worker joining without ``--model``).
 
     Configurations are taken in the study's load order (variant-major), each by exactly one
     worker. Returns when every feasible configuration is finished (measured, failed, or given up
@@ -648,12 +552,15 @@ def run_worker(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     say = log or (lambda _m: None)
     t0 = time.monotonic()
+    storage = open_storage(study=study_name, url=storage_url, root=root, heartbeat=options.heartbeat,
+                           connect_attempts=options.connect_attempts)
+    if spec is None:
+        spec = load_spec(study_name=study_name, storage=storage, storage_url=storage_url)
     cands = S.build_space(spec)
     feasible = [c for c in cands if c.verdict.fits]
     feasible_keys = {c.key for c in feasible}
     by_key = {c.key: c for c in cands}
     dists = S.distributions(cands)
-    storage = open_worker_storage(study=study_name, url=storage_url, root=root, options=options)
     lock = ClaimLock(study_name=study_name, url=storage_url, lock_dir=study_dir(study=study_name, root=root))
     me = worker_id()
     rlock = run_lock_for(study_name=study_name, storage_url=storage_url, root=root)
@@ -666,23 +573,15 @@ def run_worker(
     outages = 0
     try:
         with lock.held():
-            study = _create_or_load(storage, study_name)
-            S._check_fingerprint(study, spec)
-            if SPEC_ATTR not in study.user_attrs:
-                study.set_user_attr(SPEC_ATTR, spec_record(spec))
-            if "variants" not in study.user_attrs:
-                study.set_user_attr("variants", {v.key: S.variant_summary(v) for v in spec.variants})
+            study = S.open_study(study_name=study_name, storage=storage,
+                                 sampler=optuna.samplers.RandomSampler(seed=0))
+            S.init_study(study, spec)
             led = scan(study, max_retry=options.max_retry)
             infeasible = [c for c in cands if not c.verdict.fits and c.key not in led.recorded_infeasible]
             S._record_infeasible(study, infeasible, dists, S._State())
         with contextlib.suppress(OSError):
             S.write_variants(variants=spec.variants, path=study_dir(study=study_name, root=root) / VARIANTS_NAME)
-        text_box: dict[str, EvalText] = {}
-
-        def text() -> EvalText:
-            if "t" not in text_box:
-                text_box["t"] = eval_text()
-            return text_box["t"]
+        text = functools.cache(eval_text)
 
         while True:
             if n_trials is not None and measured_here >= n_trials:
@@ -733,19 +632,17 @@ def run_worker(
                 outages += 1
                 if outages >= max(options.connect_attempts, 1):
                     raise StorageError(
-                        f"lost the study storage{_where(storage_url)} ({type(e).__name__}: {_first_line(e)}); gave up "
+                        f"lost the study storage{_where(storage_url)} ({type(e).__name__}: {first_line(e)}); gave up "
                         f"after {outages} attempt(s). A trial left RUNNING is failed as stale and retried by the "
                         "next worker once the storage is back; restart this worker then") from None
                 lock.close()
                 delay = min(2.0 ** (outages - 1), 30.0)
-                say(f"storage error ({type(e).__name__}: {_first_line(e)}); retrying in {delay:.0f} s")
+                say(f"storage error ({type(e).__name__}: {first_line(e)}); retrying in {delay:.0f} s")
                 time.sleep(delay)
                 continue
             outages = 0
     finally:
-        for eng in st.engines.values():
-            with contextlib.suppress(Exception):
-                eng.close()
+        S.close_engines(st)
         lock.close()
         if rlock is not None:
             rlock.release()
@@ -797,30 +694,18 @@ def _claim(study: optuna.Study, storage: Any, led: Ledger, feasible: list[Candid
                 storage.record_heartbeat(trial._trial_id)
         key = S.config_key_of(trial.params, spec.split)
         cand = by_key.get(key)
-        if cand is None or not cand.verdict.fits or key in taken:
-            S._stamp(trial)
-            if cand is None:
-                trial.set_user_attr("status", "outside_space")
-                trial.set_user_attr("config_key", key)
-                trial.set_constraint(S.CONSTRAINT, 1.0)
-                study.tell(trial, [S.PLACEHOLDER_PPL, 0.0, 0.0])
-            else:
-                S._tell_reused(study, trial, cand, led.done.get(key))
-            continue
         S._stamp(trial)
-        for k, v in S.base_attrs(cand).items():
-            trial.set_user_attr(k, v)
-        trial.set_user_attr("status", "running")
-        return trial, cand
+        if cand is None:
+            S.tell_outside_space(study, trial, key)
+        elif not cand.verdict.fits or key in taken:
+            S._tell_reused(study, trial, cand, led.done.get(key))
+        else:
+            S.mark_running(trial, cand)
+            return trial, cand
     return None
 
 
-def lock_path_for(*, study: str, root: Path = DEFAULT_ROOT) -> Path:
-    """Where the file claim lock of an embedded study lives."""
-    return study_dir(study=study, root=root) / "claims.lock"
-
-
 __all__ = [
-    "ClaimLock", "Ledger", "WorkerOptions", "fail_stale", "heartbeat", "load_spec", "open_worker_storage",
+    "ClaimLock", "Ledger", "WorkerOptions", "fail_stale", "heartbeat", "load_spec",
     "run_worker", "safe_url", "scan", "spec_from_record", "spec_record",
 ]

@@ -57,6 +57,11 @@ class ReportFiles:
     png: Path | None
     html: Path | None
 
+    @property
+    def written(self) -> tuple[Path, ...]:
+        """Every file written, in the order above."""
+        return tuple(p for p in (self.pareto_csv, self.trials_csv, self.png, self.html) if p is not None)
+
 
 def scrub(text: str) -> str:
     """Remove anything that looks like a Hub token."""

@@ -3,8 +3,8 @@
 Layout of the default study directory ``<root>/<study>/``:
     journal.log     Optuna ``JournalStorage(JournalFileBackend(...))`` (append-only; survives Ctrl-C
                     and crashes: every finished trial is one appended record)
-    variants.json   the variants of the study (metadata only) so ``exl2opt report`` and workers can
-                    rebuild them without the original ``--model`` sources
+    variants.json   the variants of the study (metadata only), a plain-JSON record for people and
+                    tools (workers rebuild the search from the spec kept in the study itself)
     pareto.csv, trials.csv, pareto.png, pareto.html   reports
 
 ``--storage`` takes any Optuna storage URL (``sqlite:///x.db``, ``postgresql+psycopg://...``); the
@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optimizer.errors import StorageError
+from optimizer.errors import BadOptionError, StorageError
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -38,35 +42,116 @@ def study_dir(*, study: str, root: Path = DEFAULT_ROOT) -> Path:
     return root / study
 
 
-def open_storage(*, study: str, url: str | None, root: Path = DEFAULT_ROOT) -> Any:
-    """An Optuna storage: the journal file of ``study`` when ``url`` is None, else ``url``."""
+@dataclass(frozen=True)
+class Heartbeat:
+    """Heartbeat of RUNNING trials in a database storage (seconds); see :mod:`optimizer.distributed`."""
+
+    interval: int
+    grace: int
+    max_retry: int
+
+
+def is_rdb(url: str | None) -> bool:
+    """Whether ``url`` names an SQLAlchemy database (SQLite, PostgreSQL, MySQL)."""
+    return bool(url) and str(url).startswith(("sqlite:", "postgresql", "mysql"))
+
+
+def safe_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for messages; never log a raw URL)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL: keep scheme and host only
+        scheme, _, rest = url.partition("://")
+        host = rest.rpartition("@")[2].split("/")[0]
+        return f"{scheme}://{host}/..." if rest else "<storage>"
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine options for ``url``: bounded waits (SQLite lock 20 s, PostgreSQL connect 10 s)."""
+    if url.startswith("sqlite:"):
+        return {"connect_args": {"timeout": 20}}
+    if url.startswith("postgresql"):
+        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    return {"pool_pre_ping": True}
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of ``e`` (at most 200 characters, without SQLAlchemy's background link)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if "(Background on this error" in text:
+        text = text.split("(Background on this error")[0].strip()
+    return text[:200]
+
+
+def open_storage(*, study: str, url: str | None, root: Path = DEFAULT_ROOT, heartbeat: Heartbeat | None = None,
+                 connect_attempts: int = 1, sleep: Callable[[float], None] = time.sleep) -> Any:
+    """An Optuna storage: the journal file of ``study`` when ``url`` is None, else ``url``.
+
+    A database URL (:func:`is_rdb`) becomes an ``RDBStorage`` (with ``heartbeat`` when given: heartbeat
+    interval, grace period and ``RetryHeartbeatStaleTrialCallback``); a database that cannot be
+    reached is tried ``connect_attempts`` times with a doubling back-off (1 s, 2 s, ...). Every
+    failure is one line with the password hidden.
+
+    Raises:
+        BadOptionError: ``url`` is not a valid storage URL.
+        StorageError: the storage cannot be opened or reached.
+    """
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    if is_rdb(url):
+        assert url is not None
+        return _open_rdb(url, heartbeat=heartbeat, connect_attempts=connect_attempts, sleep=sleep)
     try:
         if url is None:
             d = study_dir(study=study, root=root)
             d.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(d / JOURNAL_NAME)))
-        if url.startswith(("sqlite:", "postgresql", "mysql")):
-            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
         return optuna.storages.get_storage(url)
     except StorageError:
         raise
-    except Exception as e:  # sqlalchemy / psycopg / OS errors: one line, no URL (it may hold a password)
-        raise StorageError(f"cannot open the study storage ({type(e).__name__}: {_first_line(e)})") from None
+    except Exception as e:  # OS errors, unknown schemes: one line, no URL (it may hold a password)
+        raise StorageError(f"cannot open the study storage ({type(e).__name__}: {first_line(e)})") from None
 
 
-def _engine_kwargs(url: str) -> dict[str, Any]:
-    if url.startswith("sqlite:"):
-        return {"connect_args": {"timeout": 20}}
-    return {"pool_pre_ping": True}
+def _open_rdb(url: str, *, heartbeat: Heartbeat | None, connect_attempts: int,
+              sleep: Callable[[float], None]) -> Any:
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else ""
+    beat: dict[str, Any] = {}
+    if heartbeat is not None:
+        beat = {"heartbeat_interval": heartbeat.interval, "grace_period": heartbeat.grace,
+                "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry)}
+    attempts = max(connect_attempts, 1)
+    last: BaseException | None = None
+    delay = 1.0
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # heartbeat and its retry callback are "experimental" in Optuna
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=engine_kwargs(url), **beat)
+        except ImportError as e:
+            raise StorageError(f"cannot open {safe_url(url)}: missing database driver ({e.name}); "
+                               "pip install 'exl2opt[postgres]'") from None
+        except Exception as e:  # sqlalchemy OperationalError / ArgumentError ...
+            if type(e).__name__ in ("ArgumentError", "NoSuchModuleError") or isinstance(e, ValueError):
+                raise BadOptionError(f"invalid --storage URL {safe_url(url)} ({type(e).__name__}: "
+                                     f"{first_line(e)}); expected e.g. postgresql+psycopg://user:password@host:5432/db"
+                                     ) from None
+            last = e
+            if attempt + 1 < attempts:
+                sleep(delay)
+                delay *= 2
+    assert last is not None
+    raise StorageError(
+        f"cannot reach the study storage {safe_url(url)} after {attempts} attempt(s) "
+        f"({type(last).__name__}: {first_line(last)}); is the server running and reachable from this machine?"
+    ) from None
 
 
 def this_host() -> str:

@@ -39,6 +39,7 @@ cache, max_seq_len, status`` (measured | reused | infeasible | outside_space | f
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -55,11 +56,19 @@ from optimizer.backends.base import (
     LoadSpec,
     SpeedProtocol,
 )
-from optimizer.errors import EngineError, EngineOOMError, StudyError
+from optimizer.errors import EngineError, EngineOOMError, StorageError, StudyError
 from optimizer.evaldata import EvalText
 from optimizer.formats import RuntimeOptions
 from optimizer.space import Budget, Configuration, enumerate_configs, evaluate
-from optimizer.storage import DEFAULT_ROOT, VARIANTS_NAME, open_storage, study_dir, sweep_stale, this_host
+from optimizer.storage import (
+    DEFAULT_ROOT,
+    VARIANTS_NAME,
+    first_line,
+    open_storage,
+    study_dir,
+    sweep_stale,
+    this_host,
+)
 from optimizer.variant import Location, TensorInfo, Variant
 from optimizer.vram import GIB, Split, VramVerdict
 
@@ -241,13 +250,6 @@ def write_variants(*, variants: Sequence[Variant], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def read_variants(path: Path) -> dict[str, Variant]:
-    """Variants stored next to a study, by key (empty when the file is absent)."""
-    if not path.is_file():
-        return {}
-    return {k: variant_from_record(r) for k, r in json.loads(path.read_text()).items()}
-
-
 def variant_summary(v: Variant) -> dict[str, Any]:
     """Small per-variant facts kept as a study user attribute (what reports need)."""
     return {"source": v.source, "format": v.format, "label": v.label, "bits": v.bits, "head_bits": v.head_bits,
@@ -288,24 +290,57 @@ def choose_mode(*, sampler: str, n_todo: int, n_trials: int | None) -> str:
 # ----- the run -----------------------------------------------------------------------------------
 
 
-def open_study(*, study_name: str, storage_url: str | None, root: Path = DEFAULT_ROOT,
+def open_study(*, study_name: str, storage_url: str | None = None, root: Path = DEFAULT_ROOT, storage: Any = None,
                sampler: Any = None, create: bool = True) -> optuna.Study:
-    """Create or load the study (three objectives, named metrics)."""
+    """Create or load the study (three objectives, named metrics).
+
+    ``storage``: an already opened storage (:func:`optimizer.storage.open_storage`); otherwise
+    ``storage_url`` / ``root`` are opened here.
+
+    Raises:
+        StorageError: the storage cannot be opened, or a journal record is damaged.
+        StudyError: ``create=False`` and there is no such study, or it exists with other directions.
+    """
     import optuna
 
-    storage = open_storage(study=study_name, url=storage_url, root=root)
-    if not create:
-        try:
-            return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
-        except KeyError:
-            raise StudyError(f"no study named {study_name!r} in this storage") from None
-    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, load_if_exists=True,
-                                directions=["minimize", "maximize", "maximize"])
+    if storage is None:
+        storage = open_storage(study=study_name, url=storage_url, root=root)
+    try:
+        if not create:
+            try:
+                return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+            except KeyError:
+                raise StudyError(f"no study named {study_name!r} in this storage") from None
+        study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, load_if_exists=True,
+                                    directions=["minimize", "maximize", "maximize"])
+    except json.JSONDecodeError as e:  # a journal line that is not JSON (edited or damaged file)
+        raise StorageError(f"the study storage is damaged: a record is not valid JSON ({e}); restore it from a "
+                           "backup or start a new --study") from None
+    except ValueError as e:  # e.g. an existing study with other directions
+        raise StudyError(f"cannot open study {study_name!r}: {first_line(e)}") from None
     if list(study.metric_names or []) != list(METRIC_NAMES):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ExperimentalWarning
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(METRIC_NAMES))
     return study
+
+
+def init_study(study: optuna.Study, spec: SearchSpec) -> None:
+    """Check (or record) the settings of ``study`` and keep what other processes need to join it.
+
+    Stores the fingerprint and protocols, the full spec (``exl2opt worker --study`` joins without
+    ``--model``) and per-variant facts for reports, each only once.
+
+    Raises:
+        StudyError: the study was created with other settings.
+    """
+    from optimizer.distributed import SPEC_ATTR, spec_record
+
+    _check_fingerprint(study, spec)
+    if SPEC_ATTR not in study.user_attrs:
+        study.set_user_attr(SPEC_ATTR, spec_record(spec))
+    if "variants" not in study.user_attrs:
+        study.set_user_attr("variants", {v.key: variant_summary(v) for v in spec.variants})
 
 
 def run(
@@ -351,12 +386,8 @@ def run(
     pre_mode = choose_mode(sampler=sampler, n_todo=len(feasible), n_trials=n_trials)
     opt_sampler = make_sampler("tpe" if pre_mode == "enumerate" else pre_mode, seed=seed)
     study = open_study(study_name=study_name, storage_url=storage_url, root=root, sampler=opt_sampler)
-    _check_fingerprint(study, spec)
-    if distributed.SPEC_ATTR not in study.user_attrs:  # lets `exl2opt worker --study` join without --model
-        study.set_user_attr(distributed.SPEC_ATTR, distributed.spec_record(spec))
+    init_study(study, spec)
     write_variants(variants=spec.variants, path=study_dir(study=study_name, root=root) / VARIANTS_NAME)
-    if "variants" not in study.user_attrs:
-        study.set_user_attr("variants", {v.key: variant_summary(v) for v in spec.variants})
     sweep_stale(study)
 
     st = _State()
@@ -365,13 +396,7 @@ def run(
 
     todo = [c for c in feasible if c.key not in st.results]
     mode = choose_mode(sampler=sampler, n_todo=len(todo), n_trials=n_trials)
-    text_box: dict[str, EvalText] = {}
-
-    def text() -> EvalText:
-        if "t" not in text_box:
-            text_box["t"] = eval_text()
-        return text_box["t"]
-
+    text = functools.cache(eval_text)  # loaded once, before the first perplexity
     task = progress.add_task("trials", total=min(len(todo), n_trials or len(todo))) if progress else None
     gpu_trials = 0
     stop = "exhausted"
@@ -405,14 +430,13 @@ def run(
                         progress.update(task, description=f"{c.config.variant.label} {c.config.cache} "
                                                           f"ctx {c.config.max_seq_len}: {phase}")
 
+                mark_running(trial, cand)
                 _measure(study, trial, cand, spec, st, backend_factory, text, say)
                 gpu_trials += 1
                 if progress is not None:
                     progress.advance(task)
     finally:
-        for eng in st.engines.values():
-            with contextlib.suppress(Exception):  # closing must not hide the real outcome
-                eng.close()
+        close_engines(st)
         if run_lock is not None:
             run_lock.release()
     return SearchResult(
@@ -511,11 +535,7 @@ def _ask_batch(study: optuna.Study, dists: dict[str, Any], by_key: dict[str, Can
         cand = by_key.get(key)
         _stamp(trial)
         if cand is None:
-            trial.set_user_attr("status", "outside_space")
-            trial.set_user_attr("config_key", key)
-            trial.set_user_attr("reason", "this variant has no such context or cache mode in the search space")
-            trial.set_constraint(CONSTRAINT, 1.0)
-            study.tell(trial, [PLACEHOLDER_PPL, 0.0, 0.0])
+            tell_outside_space(study, trial, key)
         elif key in st.results or key in taken:
             _tell_reused(study, trial, cand, st.results.get(key))
             st.reused += 1
@@ -532,6 +552,22 @@ def _ask_batch(study: optuna.Study, dists: dict[str, Any], by_key: dict[str, Can
 def _stamp(trial: Any) -> None:
     trial.set_user_attr("host", this_host())
     trial.set_user_attr("pid", os.getpid())
+
+
+def mark_running(trial: Any, cand: Candidate) -> None:
+    """Label a stamped RUNNING trial with its configuration (other workers see it as taken)."""
+    for k, v in base_attrs(cand).items():
+        trial.set_user_attr(k, v)
+    trial.set_user_attr("status", "running")
+
+
+def tell_outside_space(study: optuna.Study, trial: Any, key: str) -> None:
+    """A sampler's ask that names no configuration of the space: told at once with placeholders (no GPU)."""
+    trial.set_user_attr("status", "outside_space")
+    trial.set_user_attr("config_key", key)
+    trial.set_user_attr("reason", "this variant has no such context or cache mode in the search space")
+    trial.set_constraint(CONSTRAINT, 1.0)
+    study.tell(trial, [PLACEHOLDER_PPL, 0.0, 0.0])
 
 
 def _tell_reused(study: optuna.Study, trial: Any, cand: Candidate, prev: dict[str, Any] | None) -> None:
@@ -555,6 +591,13 @@ def _tell_reused(study: optuna.Study, trial: Any, cand: Candidate, prev: dict[st
     study.tell(trial, list(prev["values"]))
 
 
+def close_engines(st: _State) -> None:
+    """Close every engine of a run; closing must not hide the run's real outcome."""
+    for eng in st.engines.values():
+        with contextlib.suppress(Exception):
+            eng.close()
+
+
 def _engine_for(variant: Variant, st: _State, factory: BackendFactory) -> Engine:
     fmt = variant.format
     if fmt not in st.engines:
@@ -570,15 +613,12 @@ def _measure(study: optuna.Study, trial: Any, cand: Candidate, spec: SearchSpec,
              say: Callable[[str], None] = lambda phase: None) -> None:
     """Load (or reuse), measure what is not memoized, tell. Engine failures fail only this trial.
 
+    ``trial`` is stamped and marked (:func:`mark_running`) by its caller.
     ``say(phase)`` reports the phase (loading, perplexity, speed) to the progress display.
     """
     from optuna.trial import TrialState
 
     cfg = cand.config
-    _stamp(trial)
-    for k, v in base_attrs(cand).items():
-        trial.set_user_attr(k, v)
-    trial.set_user_attr("status", "running")
     try:
         say("loading")
         engine = _engine_for(cfg.variant, st, factory)

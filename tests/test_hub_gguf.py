@@ -199,3 +199,24 @@ def test_plan_and_fit_cli_on_a_gguf_repo(fake_hub, tmp_path, gguf_dir):
     assert r2.returncode == 0, r2.stderr
     assert len(json.loads(r2.stdout)) == 3
     assert len(fake_hub.requests) == n_req, "an --offline run must not touch the Hub"
+
+
+def test_llamacpp_engine_downloads_a_hub_variant(fake_hub, tmp_path, monkeypatch, gguf_dir):
+    """A Hub GGUF variant (here a 3-part split set) is fetched into the HF cache and loaded."""
+    pytest.importorskip("llama_cpp")
+    from optimizer.backends.base import LoadSpec
+    from optimizer.backends.llamacpp import LlamaCppEngine
+    from optimizer.vram import Split
+
+    parts = _split_parts(gguf_dir)
+    _gguf_repo(fake_hub, {p: gguf_dir[p] for p in parts})
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.endpoint)
+    (v,) = discover_hub(spec=RepoSpec(REPO), options=_opts(fake_hub, tmp_path))
+    eng = LlamaCppEngine(n_threads=1)
+    try:
+        assert eng.prepare(LoadSpec(variant=v, split=Split(), max_seq_len=256, cache="f16", chunk_len=64)).model_loaded
+        assert len(eng.tokenize("the cat")) > 0
+    finally:
+        eng.close()
+    full = [r for r in fake_hub.gguf_gets() if r.range is None]
+    assert len(full) == 3, "each part is downloaded once, in full, only for the measurement"

@@ -48,6 +48,7 @@ from optimizer.backends.base import (
     SpeedResult,
 )
 from optimizer.errors import BackendUnavailableError, EngineError, EngineOOMError
+from optimizer.sources.download import local_path
 
 #: cache mode -> exllamav2 class name
 CACHE_CLASSES: dict[str, str] = {
@@ -85,6 +86,7 @@ class ExLlamaV2Engine:
         self.tokenizer: Any = None
         self.spec: LoadSpec | None = None
         self.loaded_seq_len = 0
+        self.model_dir = ""
 
     # ----- loading ---------------------------------------------------------------------------
 
@@ -105,11 +107,9 @@ class ExLlamaV2Engine:
             self.torch.cuda.reset_peak_memory_stats(d)
 
     def prepare(self, spec: LoadSpec) -> PrepareInfo:
-        loc = spec.variant.location
-        if loc.kind != "local" or not loc.path:
-            cmd = loc.download_command()
-            raise EngineError(f"{spec.variant.source} is not downloaded; measure a local copy ({cmd})")
         reuse = self._reusable(spec)
+        if not reuse:
+            self.model_dir = local_path(spec.variant)  # downloads a Hub variant once, at its commit
         t0 = time.monotonic()
         try:
             self._drop_cache()
@@ -133,7 +133,7 @@ class ExLlamaV2Engine:
         return PrepareInfo(model_loaded=not reuse, load_seconds=time.monotonic() - t0)
 
     def _load_model(self, spec: LoadSpec) -> None:
-        config = self.xl.ExLlamaV2Config(spec.variant.location.path)
+        config = self.xl.ExLlamaV2Config(self.model_dir)
         config.max_seq_len = spec.max_seq_len
         config.max_input_len = spec.chunk_len
         config.max_attention_size = spec.chunk_len ** 2
@@ -169,6 +169,7 @@ class ExLlamaV2Engine:
                 self.model.unload()
         self.model = None
         self.loaded_seq_len = 0
+        self.model_dir = ""
         gc.collect()
         if self.torch.cuda.is_available():
             self.torch.cuda.empty_cache()

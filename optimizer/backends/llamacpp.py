@@ -37,8 +37,10 @@ from optimizer.backends.base import (
     SpeedResult,
 )
 from optimizer.errors import BackendUnavailableError, EngineError, EngineOOMError
+from optimizer.sources.download import local_path
 from optimizer.formats import RuntimeOptions
 from optimizer.formats.gguf import GGML_TYPE_IDS, LlamaSettings
+from optimizer.variant import Variant
 from optimizer.vram import Split
 
 MIB = 2**20
@@ -237,9 +239,9 @@ class LlamaCppEngine:
         model_key = (*spec.model_key, str(n_gpu))
         if model_key != self._model_key:
             self.unload()
-            path = spec.variant.location.path
-            if spec.variant.format != "gguf" or not path:
-                raise EngineError(f"{spec.variant.source}: the llamacpp backend runs local GGUF variants only")
+            if spec.variant.format != "gguf":
+                raise EngineError(f"{spec.variant.source}: the llamacpp backend runs GGUF variants only")
+            path = local_path(spec.variant)
             with capture_log() as lines:
                 model = lc.llama_model_load_from_file(
                     path.encode(), _model_params(n_gpu_layers=s.n_gpu_layers, dry=False, split=spec.split))

@@ -18,7 +18,10 @@ from optimizer.vram import Split
 
 ModelOpt = typer.Option(..., "--model", "-m", help="Local dir, dir of variant dirs, or Hub repo (org/name[@revision]). Repeatable.")
 VramOpt = typer.Option(..., "--vram", help="VRAM per GPU: 15GB (10^9 B), 15GiB (2^30 B), 15000MiB, or a per-GPU list 24GB,24GB.")
-GpusOpt = typer.Option(None, "--gpus", help="Number of GPUs, autosplit as ExLlamaV2 load_autosplit does.")
+GpusOpt = typer.Option(
+    None, "--gpus",
+    help="Number of GPUs. exl2: autosplit as ExLlamaV2 load_autosplit does. GGUF: llama.cpp layer split, even tensor_split.",
+)
 GpuSplitOpt = typer.Option(
     None, "--gpu-split",
     help="Manual split. exl2: GiB of weights per GPU, as ExLlamaV2's gpu_split (e.g. 10,15). "

@@ -42,5 +42,4 @@ def report(
     files, front = write_reports(study=st, out_dir=out or d, plots=not no_plots)
     con = Console()
     con.print(recommendation(front), soft_wrap=True)
-    con.print(f"Reports: {files.pareto_csv}, {files.trials_csv}" + (f", {files.png}" if files.png else "")
-              + (f", {files.html}" if files.html else ""))
+    con.print("Reports: " + ", ".join(str(f) for f in files.written))

@@ -8,10 +8,9 @@ are kept, a Ctrl-C'd or killed trial is retried). Reports are written there at t
 
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
@@ -23,14 +22,6 @@ from optimizer.errors import BadOptionError
 def _default_study(model: list[str], vram: str) -> str:
     base = model[0].rstrip("/").split("/")[-1].split("@")[0] or "study"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{base}-{vram}")[:100]
-
-
-def _load_factory(spec: str) -> Any:
-    """``module:callable`` -> the callable (hidden test hook to inject a backend factory)."""
-    mod, _, attr = spec.partition(":")
-    if not mod or not attr:
-        raise BadOptionError("--backend-factory must be module:callable")
-    return getattr(importlib.import_module(mod), attr)
 
 
 @app.command()
@@ -75,46 +66,26 @@ def search(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from optimizer.backends import backend_for, backend_name_for
-    from optimizer.backends.base import EvalProtocol, SpeedProtocol
-    from optimizer.evaldata import dataset_id_for, load_eval_text
-    from optimizer.formats import RuntimeOptions
+    from optimizer.cli.worker import default_factory, load_factory, spec_from_options
+    from optimizer.evaldata import load_eval_text
     from optimizer.report import recommendation, write_reports
-    from optimizer.sources import resolve_sources
-    from optimizer.space import check_caches
     from optimizer.storage import study_dir
-    from optimizer.study import SAMPLERS, SearchSpec, open_study, run
+    from optimizer.study import SAMPLERS, open_study, run
 
     if sampler not in SAMPLERS:
         raise BadOptionError(f"unknown --sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
-    if eval_window < 64 or eval_windows < 1:
-        raise BadOptionError("--eval-window must be >= 64 tokens and --eval-windows >= 1")
-    if eval_data is not None and not eval_data.is_file():
-        raise BadOptionError(f"--eval-data {eval_data}: no such file")
-    budget = c.budget_from(vram=vram, overhead=overhead)
-    split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget)
-    contexts = c.parse_contexts(ctx)
-    caches = c.parse_caches(cache)
-    runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers)
-    variants = resolve_sources(specs=model, hub=c.hub_options(offline=offline))
-    if caches:
-        caches = check_caches(variants, caches)
+    spec = spec_from_options(model=model, vram=vram, gpus=gpus, gpu_split=gpu_split, ctx=ctx, cache=cache,
+                             min_ctx=min_ctx, overhead=overhead, chunk=chunk, batch=batch, flash_attn=flash_attn,
+                             offline=offline, eval_data=eval_data, eval_windows=eval_windows,
+                             eval_window=eval_window, fill=fill, n_gpu_layers=n_gpu_layers)
     if backend_factory:
-        factory = _load_factory(backend_factory)
+        factory = load_factory(backend_factory)
     else:
+        variants = spec.variants
         for bname in sorted({backend_name_for(variant=v, name=backend) for v in variants}):
             backend_for(variant=next(v for v in variants if backend_name_for(variant=v, name=backend) == bname),
                         name=bname).check_available()  # one clear line before any study is created
-
-        def factory(v: Any) -> Any:
-            return backend_for(variant=v, name=backend)
-
-    spec = SearchSpec(
-        variants=tuple(variants), budget=budget, split=split, contexts=contexts, caches=caches, min_ctx=min_ctx,
-        runtime=runtime,
-        eval_protocol=EvalProtocol(dataset=dataset_id_for(eval_data), window=eval_window, n_windows=eval_windows,
-                                   prefill=eval_window // 2, score_chunk=min(256, eval_window // 4)),
-        speed_protocol=SpeedProtocol(context_fill=fill),
-    )
+        factory = default_factory(backend)
     name = study or _default_study(model, vram)
     con = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -131,5 +102,4 @@ def search(
     st = open_study(study_name=name, storage_url=storage, root=root, create=False)
     files, front = write_reports(study=st, out_dir=study_dir(study=name, root=root))
     out.print(recommendation(front), soft_wrap=True)
-    out.print(f"Reports: {files.pareto_csv}, {files.trials_csv}" + (f", {files.png}" if files.png else "")
-              + (f", {files.html}" if files.html else ""))
+    out.print("Reports: " + ", ".join(str(f) for f in files.written))

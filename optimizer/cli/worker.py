@@ -83,7 +83,7 @@ def worker(
     backend_factory: Optional[str] = typer.Option(None, "--backend-factory", hidden=True),
 ) -> None:
     """Join a study (create it with --model) and measure configurations until none is left."""
-    from optimizer.distributed import WorkerOptions, load_spec, run_worker, worker_id
+    from optimizer.distributed import WorkerOptions, run_worker, worker_id
     from optimizer.evaldata import load_eval_text
 
     if heartbeat < 1 or (grace is not None and grace <= heartbeat) or max_retry < 0 or poll <= 0:
@@ -94,12 +94,12 @@ def worker(
     if model:
         if vram is None:
             raise BadOptionError("--model needs --vram")
-        spec = _spec_from_options(model=model, vram=vram, gpus=gpus, gpu_split=gpu_split, ctx=ctx, cache=cache,
+        spec = spec_from_options(model=model, vram=vram, gpus=gpus, gpu_split=gpu_split, ctx=ctx, cache=cache,
                                   min_ctx=min_ctx, overhead=overhead, chunk=chunk, batch=batch,
                                   flash_attn=flash_attn, offline=offline, eval_data=eval_data,
                                   eval_windows=eval_windows, eval_window=eval_window, fill=fill)
     else:
-        spec = load_spec(study_name=study, storage_url=storage, root=root, options=options)
+        spec = None  # read from the study by run_worker
     factory = load_factory(backend_factory) if backend_factory else default_factory(backend)
     me = worker_id()
 
@@ -120,16 +120,17 @@ def worker(
 
 
 def _safe(url: str | None) -> str:
-    from optimizer.distributed import safe_url
+    from optimizer.storage import safe_url
 
     return safe_url(url) if url else ""
 
 
-def _spec_from_options(*, model: list[str], vram: str, gpus: Optional[int], gpu_split: Optional[str], ctx: str,
-                       cache: Optional[str], min_ctx: int, overhead: Optional[str], chunk: int, batch: int,
-                       flash_attn: bool, offline: bool, eval_data: Optional[Path], eval_windows: int,
-                       eval_window: int, fill: int) -> Any:
-    """The same SearchSpec that ``exl2opt search`` builds from the same options (same fingerprint)."""
+def spec_from_options(*, model: list[str], vram: str, gpus: Optional[int], gpu_split: Optional[str], ctx: str,
+                      cache: Optional[str], min_ctx: int, overhead: Optional[str], chunk: int, batch: int,
+                      flash_attn: bool, offline: bool, eval_data: Optional[Path], eval_windows: int,
+                      eval_window: int, fill: int, n_gpu_layers: Optional[int] = None) -> Any:
+    """The SearchSpec of the model options shared by ``exl2opt search`` and ``exl2opt worker``
+    (same options, same fingerprint)."""
     from optimizer.backends.base import EvalProtocol, SpeedProtocol
     from optimizer.evaldata import dataset_id_for
     from optimizer.formats import RuntimeOptions
@@ -137,6 +138,10 @@ def _spec_from_options(*, model: list[str], vram: str, gpus: Optional[int], gpu_
     from optimizer.space import check_caches
     from optimizer.study import SearchSpec
 
+    if eval_window < 64 or eval_windows < 1:
+        raise BadOptionError("--eval-window must be >= 64 tokens and --eval-windows >= 1")
+    if eval_data is not None and not eval_data.is_file():
+        raise BadOptionError(f"--eval-data {eval_data}: no such file")
     budget = c.budget_from(vram=vram, overhead=overhead)
     split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget)
     contexts = c.parse_contexts(ctx)
@@ -145,7 +150,8 @@ def _spec_from_options(*, model: list[str], vram: str, gpus: Optional[int], gpu_
     if caches:
         caches = check_caches(variants, caches)
     return SearchSpec(variants=tuple(variants), budget=budget, split=split, contexts=contexts, caches=caches,
-                      min_ctx=min_ctx, runtime=RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn),
+                      min_ctx=min_ctx, runtime=RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn,
+                                             n_gpu_layers=n_gpu_layers),
                       eval_protocol=EvalProtocol(dataset=dataset_id_for(eval_data), window=eval_window,
                                                  n_windows=eval_windows, prefill=eval_window // 2,
                                                  score_chunk=min(256, eval_window // 4)),
