@@ -11,8 +11,9 @@ it as Llama with a warning, and a VRAM estimate built on that guess is worse tha
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from optimizer.errors import ModelConfigError, UnsupportedArchitectureError
 

@@ -123,10 +123,6 @@ def _open_rdb(url: str, *, heartbeat: Heartbeat | None, connect_attempts: int,
     from optuna.exceptions import ExperimentalWarning
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    beat: dict[str, Any] = {}
-    if heartbeat is not None:
-        beat = {"heartbeat_interval": heartbeat.interval, "grace_period": heartbeat.grace,
-                "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry)}
     attempts = max(connect_attempts, 1)
     last: BaseException | None = None
     delay = 1.0
@@ -134,7 +130,13 @@ def _open_rdb(url: str, *, heartbeat: Heartbeat | None, connect_attempts: int,
         try:
             with warnings.catch_warnings():  # heartbeat and its retry callback are "experimental" in Optuna
                 warnings.simplefilter("ignore", ExperimentalWarning)
-                return RDBStorage(url, engine_kwargs=engine_kwargs(url), **beat)
+                if heartbeat is None:
+                    return RDBStorage(url, engine_kwargs=engine_kwargs(url))
+                return RDBStorage(
+                    url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat.interval,
+                    grace_period=heartbeat.grace,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry),
+                )
         except ImportError as e:
             raise StorageError(f"cannot open {safe_url(url)}: missing database driver ({e.name}); "
                                "pip install 'exl2opt[postgres]'") from None

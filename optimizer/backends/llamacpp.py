@@ -37,10 +37,9 @@ from optimizer.backends.base import (
     SpeedResult,
 )
 from optimizer.errors import BackendUnavailableError, EngineError, EngineOOMError
-from optimizer.sources.download import local_path
 from optimizer.formats import RuntimeOptions
 from optimizer.formats.gguf import GGML_TYPE_IDS, LlamaSettings
-from optimizer.variant import Variant
+from optimizer.sources.download import local_path
 from optimizer.vram import Split
 
 MIB = 2**20
