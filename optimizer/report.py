@@ -56,6 +56,7 @@ class ReportFiles:
     trials_csv: Path
     png: Path | None
     html: Path | None
+    comparison: str = ""
 
     @property
     def written(self) -> tuple[Path, ...]:
@@ -180,7 +181,34 @@ def write_reports(*, study: Any, out_dir: Path, plots: bool = True) -> tuple[Rep
     if plots:
         png = _plot_png(rows, front, out_dir / "pareto.png")
         html = _plot_html(rows, front, out_dir / "pareto.html")
-    return ReportFiles(pareto_csv=pareto_csv, trials_csv=trials_csv, png=png, html=html), front
+    files = ReportFiles(pareto_csv=pareto_csv, trials_csv=trials_csv, png=png, html=html,
+                        comparison=compare_formats(rows, front))
+    return files, front
+
+
+def compare_formats(rows: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]]) -> str:
+    """When a study measured more than one format (e.g. exl2 and GGUF quants of one model), a few lines
+    comparing them: configurations measured, on the front, best perplexity and fastest generation.
+    Empty for a single-format study."""
+    measured = [r for r in _measured(rows) if _feasible(r)]
+    formats = sorted({str(r["format"]) for r in measured})
+    if len(formats) < 2:
+        return ""
+    lines = ["By format (measured configurations within the budget):"]
+    for fmt in formats:
+        rs = [r for r in measured if r["format"] == fmt]
+        best = min(rs, key=lambda r: r["perplexity"])
+        fast = max(rs, key=lambda r: r["gen_tok_s"])
+        n_front = sum(1 for r in front if r["format"] == fmt)
+        lines.append(f"  {fmt:<5} {len(rs)} measured, {n_front} on the front; best ppl {best['perplexity']:.3f} "
+                     f"({best['label']} {best['cache_mode']}), fastest {fast['gen_tok_s']:.1f} tok/s "
+                     f"({fast['label']} {fast['cache_mode']})")
+    return scrub("\n".join(lines))
+
+
+def _feasible(r: dict[str, Any]) -> bool:
+    v = r.get(CONSTRAINT)
+    return v is None or float(v) <= 0
 
 
 def _measured(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

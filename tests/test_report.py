@@ -110,3 +110,36 @@ def test_scrub_removes_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_recommendation_when_nothing_fits() -> None:
     assert "No measured configuration" in recommendation([])
+
+
+def test_one_front_across_formats_has_a_format_column_and_a_comparison(tmp_path: Path) -> None:
+    """An exl2 source and a GGUF source in one study: rows carry `format`, the report compares them."""
+    from gguf_util import write_tiny_gguf
+
+    make_exl2_dir(tmp_path / "exl2", "tiny-4.0bpw", CFG, bits=4.0)
+    (tmp_path / "gguf").mkdir()
+    write_tiny_gguf(tmp_path / "gguf" / "tiny-F16.gguf")
+    variants = tuple(discover_local(tmp_path / "exl2") + discover_local(tmp_path / "gguf"))
+    assert {v.format for v in variants} == {"exl2", "gguf"}
+    spec = SearchSpec(
+        variants=variants, budget=Budget(per_device=(parse_size("2GiB"),), overhead=(0,)), split=Split(),
+        contexts=(512, 1024), caches=("fp16", "q4", "f16", "q8_0"),
+        eval_protocol=EvalProtocol(window=64, n_windows=1, prefill=32, score_chunk=16),
+        speed_protocol=SpeedProtocol(context_fill=256, gen_tokens=16), min_ctx=0,
+    )
+    run(spec=spec, study_name="x", backend_factory=lambda v: FakeBackend(), root=tmp_path / "studies",
+        eval_text=lambda: EvalText(dataset_id="fake", text="abc " * 100), sampler="bruteforce")
+    study = open_study(study_name="x", storage_url=None, root=tmp_path / "studies", create=False)
+    files, front = write_reports(study=study, out_dir=tmp_path / "out")
+    trials = _read(files.trials_csv)
+    measured = {r["format"] for r in trials if r["status"] == "measured"}
+    assert measured == {"exl2", "gguf"}
+    # each format was searched with its own cache modes only
+    assert {r["cache_mode"] for r in trials if r["format"] == "exl2"} <= {"fp16", "q4"}
+    assert {r["cache_mode"] for r in trials if r["format"] == "gguf"} <= {"f16", "q8_0"}
+    assert {r["format"] for r in _read(files.pareto_csv)} <= {"exl2", "gguf"}
+    lines = files.comparison.splitlines()
+    assert lines[0].startswith("By format")
+    assert [ln.split()[0] for ln in lines[1:]] == ["exl2", "gguf"]
+    n_front = {ln.split()[0]: int(ln.split(",")[1].split()[0]) for ln in lines[1:]}
+    assert sum(n_front.values()) == len(front)

@@ -42,4 +42,6 @@ def report(
     files, front = write_reports(study=st, out_dir=out or d, plots=not no_plots)
     con = Console()
     con.print(recommendation(front), soft_wrap=True)
+    if files.comparison:
+        con.print(files.comparison, soft_wrap=True)
     con.print("Reports: " + ", ".join(str(f) for f in files.written))

@@ -102,4 +102,6 @@ def search(
     st = open_study(study_name=name, storage_url=storage, root=root, create=False)
     files, front = write_reports(study=st, out_dir=study_dir(study=name, root=root))
     out.print(recommendation(front), soft_wrap=True)
+    if files.comparison:
+        out.print(files.comparison, soft_wrap=True)
     out.print("Reports: " + ", ".join(str(f) for f in files.written))
