@@ -629,7 +629,7 @@ def _measure(study: optuna.Study, trial: Any, cand: Candidate, spec: SearchSpec,
         ))
         st.loads += int(info.model_loaded)
         et = text()
-        proto = replace(spec.eval_protocol, dataset=et.dataset_id)
+        proto = replace(spec.eval_protocol, dataset=et.dataset_id).fitted(cfg.max_seq_len)
         ppl_key = f"{cfg.variant.key}|{cfg.cache}|{proto.key}"
         if ppl_key not in st.ppl:
             say("perplexity")

@@ -88,15 +88,31 @@ def load_call(split: Split) -> str:
     return "model.load_autosplit(cache)"
 
 
-def run_recipe(*, cache: str, max_seq_len: int, split: Split) -> str:
-    """How to run a configuration with ExLlamaV2 0.3.2, as one line of Python."""
+def run_recipe(*, cache: str, max_seq_len: int, split: Split, batch_size: int = 1, chunk_len: int | None = None) -> str:
+    """How to run a configuration with ExLlamaV2 0.3.2, as one line of Python (after
+    ``config = ExLlamaV2Config(model_dir)``; settings go on the config before the model is built).
+
+    Autosplit needs a lazy cache created *before* ``load_autosplit``. A single-GPU or manual load
+    must come *first*: a non-lazy cache places each layer on ``model.cache_map``, which is empty
+    until ``model.load()`` ran (the K/V tensors would silently land in system RAM).
+    ``batch_size`` and ``chunk_len`` (``config.max_input_len``) are written only when not default.
+    """
     cls = _CACHE_CLASS.get(cache, cache)
-    lazy = ", lazy=True" if split.mode == "auto" else ""
-    return f"config.max_seq_len = {max_seq_len}; cache = {cls}(model, max_seq_len={max_seq_len}{lazy}); {load_call(split)}"
+    sets = f"config.max_seq_len = {max_seq_len}; "
+    if chunk_len is not None and chunk_len != 2048:
+        sets += f"config.max_input_len = {chunk_len}; "
+    batch = ""
+    if batch_size != 1:
+        sets += f"config.max_batch_size = {batch_size}; "
+        batch = f", batch_size={batch_size}"
+    sets += "model = ExLlamaV2(config); "
+    if split.mode == "auto":
+        return f"{sets}cache = {cls}(model, max_seq_len={max_seq_len}{batch}, lazy=True); {load_call(split)}"
+    return f"{sets}{load_call(split)}; cache = {cls}(model, max_seq_len={max_seq_len}{batch})"
 
 
-def fit_record(f: FitResult) -> dict[str, Any]:
-    """One flat record of a fit result."""
+def fit_record(f: FitResult, *, batch_size: int = 1, chunk_len: int | None = None) -> dict[str, Any]:
+    """One flat record of a fit result (``batch_size`` / ``chunk_len`` go into the run recipe)."""
     rec: dict[str, Any] = {
         "format": f.variant.format,
         "variant": f.variant.source,
@@ -109,7 +125,9 @@ def fit_record(f: FitResult) -> dict[str, Any]:
     }
     if f.verdict is not None and f.max_seq_len is not None:
         rec.update({"total_gib": _gib(f.verdict.total), "headroom_gib": _gib(f.verdict.headroom)})
-        rec["run"] = run_recipe(cache=f.cache, max_seq_len=f.max_seq_len, split=f.split) if f.variant.format == "exl2" else ""
+        rec["run"] = run_recipe(
+            cache=f.cache, max_seq_len=f.max_seq_len, split=f.split, batch_size=batch_size, chunk_len=chunk_len,
+        ) if f.variant.format == "exl2" else ""
     else:
         rec.update({"total_gib": None, "headroom_gib": None, "run": ""})
     return rec

@@ -41,6 +41,10 @@ class ModuleCost:
         kv_layer: it owns one layer of KV cache (attention or parallel decoder).
         plan_bytes: ``scratch_space()`` + attention planning size; used only by the manual split to
             place modules as ``set_device_map`` does.
+        load_transient_bytes: peak short-lived bytes of ``load_autosplit``'s test forward (one
+            ``max_input_len`` chunk, batch 1, past_len 0), which decides the autosplit placement;
+            None means the same as ``transient_bytes``. It is smaller than the inference peak when
+            attention transients grow with the context (no flash-attention) or with the batch.
     """
 
     name: str
@@ -50,6 +54,12 @@ class ModuleCost:
     kv_layer: bool = False
     plan_bytes: int = 0
     plan_attn_bytes: int = 0
+    load_transient_bytes: int | None = None
+
+    @property
+    def test_transient_bytes(self) -> int:
+        """Transient bytes of the autosplit test forward (bytes)."""
+        return self.transient_bytes if self.load_transient_bytes is None else self.load_transient_bytes
 
 
 @dataclass(frozen=True)
@@ -298,7 +308,7 @@ def _place_auto(plan: MemoryPlan, split: Split, devs: list[_Dev]) -> VramVerdict
                 d.scratch, d.rope = scratch, plan.rope_bytes
                 touched = cur
             held = split.reserve_bytes[cur] + AUTOSPLIT_MIN_RESERVE
-            need = d.steady() + m.weight_bytes + held + m.transient_bytes
+            need = d.steady() + m.weight_bytes + held + m.test_transient_bytes
             if m.kv_layer:
                 need += plan.cache_layer_bytes + (plan.cache_staging_bytes if d.n_kv == 0 else 0)
             if need <= d.budget:

@@ -57,7 +57,9 @@ def test_fit_answers_largest_context_and_recipe(model_dir, capsys):
     assert by[("3.0bpw-h6", "q4")]["max_ctx"] >= by[("3.0bpw-h6", "fp16")]["max_ctx"]
     assert by[("3.0bpw-h6", "fp16")]["max_ctx"] >= by[("5.0bpw-h6", "fp16")]["max_ctx"]
     r = by[("3.0bpw-h6", "q4")]
-    assert r["run"].startswith(f"config.max_seq_len = {r['max_ctx']}; cache = ExLlamaV2Cache_Q4(")
+    # single GPU: model.load() first, then the (non-lazy) cache, which follows model.cache_map
+    assert r["run"] == (f"config.max_seq_len = {r['max_ctx']}; model = ExLlamaV2(config); model.load(); "
+                        f"cache = ExLlamaV2Cache_Q4(model, max_seq_len={r['max_ctx']})")
 
 
 @pytest.mark.parametrize(

@@ -276,3 +276,22 @@ def test_cli_search_writes_reports_and_resumes(variants_dir: Path, tmp_path: Pat
     main(cmd)
     out = capsys.readouterr().out
     assert "stopped: exhausted" in out and "measured 3," not in out
+
+
+def test_perplexity_from_a_shrunken_window_is_not_reused_for_longer_contexts(variants_dir: Path, tmp_path: Path) -> None:
+    """A context shorter than the eval window measures with a shrunken window (engines clamp it); that
+    number must not stand in for contexts that run the full window, and vice versa."""
+    spec = _spec(variants_dir, vram="4GiB", contexts=(48, 2048), caches=("fp16",), min_ctx=0)
+    be = FakeBackend()
+    _run(spec, tmp_path, be, sampler="bruteforce")
+    study = open_study(study_name="s", storage_url=None, root=tmp_path / "studies", create=False)
+    measured = [t.user_attrs for t in study.trials if t.user_attrs.get("status") == "measured"]
+    by_ctx = {}
+    for ua in measured:
+        by_ctx.setdefault(int(ua["max_seq_len"]), set()).add(ua["ppl_key"])
+    assert by_ctx[48] and by_ctx[2048] and not (by_ctx[48] & by_ctx[2048])
+    assert all("w=48|" in k for k in by_ctx[48]) and all("w=64|" in k for k in by_ctx[2048])
+    n_variants = len({ua["variant"] for ua in measured})
+    assert len([k for what, k in be.engine.calls if what == "ppl"]) == 2 * n_variants
+    assert EvalProtocol(window=64, prefill=32).fitted(100) == EvalProtocol(window=64, prefill=32)
+    assert EvalProtocol(window=64, prefill=40).fitted(48) == EvalProtocol(window=48, prefill=24)

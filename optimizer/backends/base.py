@@ -25,7 +25,7 @@ Units: bytes for memory, tokens for lengths, seconds for time, tokens/second for
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from optimizer.variant import Variant
@@ -82,6 +82,15 @@ class EvalProtocol:
     prefill: int = 1024
     score_chunk: int = 256
     add_bos: bool = True
+
+    def fitted(self, context: int) -> EvalProtocol:
+        """This protocol as it runs in a cache of ``context`` tokens: a longer window shrinks to the
+        context and its prefill to half of it (the rule every engine applies). Perplexity is memoized by
+        the fitted protocol's key, so a result measured with a shrunken window is never reused for a
+        context that allows the full one."""
+        if self.window <= context:
+            return self
+        return replace(self, window=context, prefill=min(self.prefill, context // 2))
 
     @property
     def key(self) -> str:

@@ -1,34 +1,50 @@
 """The ExLlamaV2 0.3.2 measurement backend (exl2 variants). torch and exllamav2 are imported lazily.
 
 Loading (per :class:`~optimizer.backends.base.LoadSpec`):
-    * ``config = ExLlamaV2Config(dir)``; ``config.max_seq_len``, ``max_input_len`` (= chunk),
-      ``max_attention_size`` (= chunk**2), ``max_batch_size`` and ``no_flash_attn`` set per load;
+    * ``config = ExLlamaV2Config(dir)``; before ``ExLlamaV2(config)``: ``config.max_seq_len``,
+      ``max_input_len`` (= min(chunk, max_seq_len), as autosplit clamps it and the VRAM model
+      assumes), ``max_attention_size`` (= that**2), ``max_batch_size``; ``no_flash_attn`` is only
+      ever turned on (never overriding ``EXLLAMA_NO_FLASH_ATTN``), then
+      ``config.arch_compat_overrides(quiet=True)`` (as exllamav2's ``model_init`` does) so archs
+      that need eager attention or flash-attn softcap/SWA support get it;
     * single GPU: ``model.load()``; manual split: ``model.load(gpu_split=[GiB...])``, then the cache;
     * autosplit: ``cache = Cls(model, max_seq_len=S, lazy=True)`` then
-      ``model.load_autosplit(cache, reserve_vram=[bytes...])``;
+      ``model.load_autosplit(cache, reserve_vram=[bytes...])`` (it consumes its own generator);
+      autosplit uses every visible GPU, so devices beyond the planned ``n_devices`` get an
+      impossible reserve: spilling onto them is an out-of-memory, not a silent larger split;
     * cache class per mode: fp16 ``ExLlamaV2Cache``, fp8 ``ExLlamaV2Cache_8bit``, q8/q6/q4
       ``ExLlamaV2Cache_Q8/_Q6/_Q4``.
-    The model is kept across trials of the same variant and split (single/manual) as long as the
-    requested context is not larger than the one it was loaded with (the RoPE tables are sized by
-    ``config.max_seq_len`` at load); then only the cache is rebuilt. The study orders contexts
-    descending, so each variant is loaded once. Autosplit places weights around the cache, so it
-    reloads whenever the cache changes.
+    The model is kept across trials of the same variant on a single GPU as long as the requested
+    context is not larger than the one it was loaded with (the RoPE tables are sized by
+    ``config.max_seq_len`` at load); then only the cache is rebuilt. The reused model keeps the
+    sin/cos tables of its load context (2 x S_load x rot_dim x 2 bytes per RoPE base), which
+    ``memory()`` then includes. A manual split is reused only at the same context, because
+    ``set_device_map`` places layers using ``config.max_seq_len`` (sin/cos size and
+    ``temp_kv_size``). Autosplit places weights around the cache, so it reloads whenever the cache
+    changes. The usable context is the *requested* ``max_seq_len``, not ``cache.max_seq_len``:
+    Q caches round the latter up to ``q_block`` after allocating their tensors.
 
 Perplexity: see :class:`~optimizer.backends.base.EvalProtocol` — per window, the first ``prefill``
 tokens go in with ``preprocess_only=True``, the rest in ``score_chunk`` chunks through the cache;
-log-softmax in FP32. The window is clamped to the allocated context.
+log-softmax in FP32 (the head's padding columns are -65504, i.e. 0 after softmax). The window
+is clamped to the requested context. Archs with ``requires_bos`` (Gemma family) refuse
+``add_bos=False``; a protocol that scores nothing is an error, never a perplexity of 1.
 
 Speed: random token ids (seeded) fill the cache to ``context_fill`` with one
 ``preprocess_only`` forward (``prompt_tok_s`` = fill / seconds), then ``gen_tokens`` greedy
 single-token forwards (``gen_tok_s``, argmax on CPU per token, as ``test_inference.py -s``); each
 timing is bracketed by ``torch.cuda.synchronize()`` after ``warmup`` untimed passes.
 
-Memory: ``torch.cuda.max_memory_allocated(d)`` (peak since this prepare, after
-``reset_peak_memory_stats``) and ``total - free`` of ``torch.cuda.mem_get_info(d)`` per used device.
+Memory: ``torch.cuda.max_memory_allocated(d)`` and ``total - free`` of
+``torch.cuda.mem_get_info(d)`` per used device. Peaks are reset right before the cache is created
+for single/manual loads (after the model load, so a fresh load and a reused model measure the same
+thing: resident model + cache + inference transients), and before the load for autosplit (whose
+cache is built during the load). Timings synchronize every used device.
 
-OOM: a CUDA out-of-memory error, or autosplit's "Insufficient VRAM for model and cache", drops the
-cache and the model, empties torch's cache and raises :class:`~optimizer.errors.EngineOOMError`
-(the study records ``oom`` and goes on in the same process; the engine stays usable).
+OOM: a CUDA out-of-memory error, autosplit's "Insufficient VRAM for model and cache" or a manual
+split's "Insufficient space in device allocation" drops the cache and the model, empties torch's
+cache (outside the ``except`` block, so the traceback no longer pins the tensors) and raises
+:class:`~optimizer.errors.EngineOOMError` (the study records ``oom`` and goes on in the same process; the engine stays usable).
 """
 
 from __future__ import annotations
@@ -72,6 +88,12 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
+#: reserve (bytes) handed to autosplit for visible GPUs beyond the planned ones: allocating it fails
+#: with a CUDA OOM before anything is placed there (model.py ``load_autosplit_gen`` allocates the
+#: reserve outside its OOM handler), so a spill is reported as ``oom``.
+_NO_SPILL_RESERVE = 1 << 50
+
+
 class ExLlamaV2Engine:
     """One loaded exl2 model + cache at a time (see the module docstring)."""
 
@@ -84,6 +106,7 @@ class ExLlamaV2Engine:
         self.model: Any = None
         self.cache: Any = None
         self.tokenizer: Any = None
+        self.tokenizer_key = ""  #: variant key of ``tokenizer``
         self.spec: LoadSpec | None = None
         self.loaded_seq_len = 0
         self.model_dir = ""
@@ -98,60 +121,94 @@ class ExLlamaV2Engine:
 
     def _reusable(self, spec: LoadSpec) -> bool:
         s = self.spec
-        return (self.model is not None and s is not None and s.model_key == spec.model_key
-                and spec.split.mode != "auto" and spec.max_seq_len <= self.loaded_seq_len
-                and (s.chunk_len, s.batch_size, s.flash_attn) == (spec.chunk_len, spec.batch_size, spec.flash_attn))
+        if self.model is None or s is None or s.model_key != spec.model_key:
+            return False
+        if (s.chunk_len, s.batch_size, s.flash_attn) != (spec.chunk_len, spec.batch_size, spec.flash_attn):
+            return False
+        if spec.split.mode == "single":
+            return spec.max_seq_len <= self.loaded_seq_len
+        # manual: layer placement depends on config.max_seq_len; autosplit: placed around the cache
+        return spec.split.mode == "manual" and spec.max_seq_len == self.loaded_seq_len
+
+    def _devices(self, n: int) -> range:
+        return range(min(max(n, 1), self.torch.cuda.device_count()))
 
     def _reset_peaks(self, n: int) -> None:
-        for d in range(min(n, self.torch.cuda.device_count())):
+        for d in self._devices(n):
             self.torch.cuda.reset_peak_memory_stats(d)
+
+    def _sync(self) -> None:
+        """Wait for every used device (exllamav2 runs each device on its own stream)."""
+        for d in self._devices(self.spec.split.n_devices if self.spec else 1):
+            self.torch.cuda.synchronize(d)
+
+    def _context(self) -> int:
+        """Usable cache length in tokens: the requested one (Q caches round ``max_seq_len`` up)."""
+        ctx = int(self.cache.max_seq_len)
+        return min(ctx, self.spec.max_seq_len) if self.spec is not None else ctx
 
     def prepare(self, spec: LoadSpec) -> PrepareInfo:
         reuse = self._reusable(spec)
-        if not reuse:
-            self.model_dir = local_path(spec.variant)  # downloads a Hub variant once, at its commit
         t0 = time.monotonic()
+        err: EngineError | None = None
+        msg, oom = "", False
+        if not reuse:
+            self.unload()
+            self.spec = None
+            # downloads a Hub variant once, at its commit; after unload(), which clears model_dir
+            self.model_dir = local_path(spec.variant)
         try:
             self._drop_cache()
             if not reuse:
-                self.unload()
-            self._reset_peaks(max(spec.split.n_devices, 1))
-            if not reuse:
                 self._load_model(spec)
             if self.cache is None:
+                self._reset_peaks(spec.split.n_devices)
                 cls = self._cache_class(spec.cache)
                 self.cache = cls(self.model, batch_size=spec.batch_size, max_seq_len=spec.max_seq_len)
-        except EngineError:
-            self.unload()
-            raise
+        except EngineError as e:
+            err = e
         except Exception as e:
+            msg, oom = _one_line(e), _is_oom(e)
+        if err is not None or msg:
+            # outside the except block: the traceback no longer pins the model and cache tensors
+            self.spec = None
             self.unload()
-            if _is_oom(e):
-                raise EngineOOMError(f"out of memory loading {spec.variant.label} ({_one_line(e)})") from None
-            raise EngineError(f"exllamav2 failed to load {spec.variant.label}: {_one_line(e)}") from None
+            if err is not None:
+                raise err
+            if oom:
+                raise EngineOOMError(f"out of memory loading {spec.variant.label} ({msg})")
+            raise EngineError(f"exllamav2 failed to load {spec.variant.label}: {msg}")
         self.spec = spec
         return PrepareInfo(model_loaded=not reuse, load_seconds=time.monotonic() - t0)
 
     def _load_model(self, spec: LoadSpec) -> None:
+        if not self.model_dir:
+            raise EngineError(f"no local directory for {spec.variant.label}")
         config = self.xl.ExLlamaV2Config(self.model_dir)
         config.max_seq_len = spec.max_seq_len
-        config.max_input_len = spec.chunk_len
-        config.max_attention_size = spec.chunk_len ** 2
+        chunk = min(spec.chunk_len, spec.max_seq_len)
+        config.max_input_len = chunk
+        config.max_attention_size = chunk ** 2
         config.max_batch_size = spec.batch_size
-        config.no_flash_attn = not spec.flash_attn
+        config.no_flash_attn = bool(config.no_flash_attn) or not spec.flash_attn
+        config.arch_compat_overrides(quiet=True)
         model = self.xl.ExLlamaV2(config)
         self.model = model
         split = spec.split
         if split.mode == "auto":
+            self._reset_peaks(split.n_devices)
             cls = self._cache_class(spec.cache)
             self.cache = cls(model, batch_size=spec.batch_size, max_seq_len=spec.max_seq_len, lazy=True)
-            model.load_autosplit(self.cache, reserve_vram=list(split.reserve_bytes), progress=False)
+            reserve = [int(b) for b in split.reserve_bytes]
+            reserve += [_NO_SPILL_RESERVE] * max(self.torch.cuda.device_count() - len(reserve), 0)
+            model.load_autosplit(self.cache, reserve_vram=reserve, progress=False)
         elif split.mode == "manual":
-            model.load(gpu_split=list(split.gpu_split), progress=False)
+            model.load(gpu_split=[float(g) for g in split.gpu_split], progress=False)
         else:
             model.load(progress=False)
-        if self.tokenizer is None or self.spec is None or self.spec.variant.key != spec.variant.key:
+        if self.tokenizer is None or self.tokenizer_key != spec.variant.key:
             self.tokenizer = self.xl.ExLlamaV2Tokenizer(config)
+            self.tokenizer_key = spec.variant.key
         self.loaded_seq_len = spec.max_seq_len
 
     def _drop_cache(self) -> None:
@@ -177,20 +234,30 @@ class ExLlamaV2Engine:
     def close(self) -> None:
         self.unload()
         self.tokenizer = None
+        self.tokenizer_key = ""
         self.spec = None
 
     # ----- measurements ----------------------------------------------------------------------
 
     def _guard(self, what: str, fn: Any) -> Any:
+        if self.model is None or self.cache is None:
+            raise EngineError(f"{what}: no model loaded")
+        label = self.spec.variant.label if self.spec else "?"
+        err: EngineError | None = None
+        msg, oom = "", False
         try:
             return fn()
+        except EngineError as e:
+            err = e
         except Exception as e:
-            label = self.spec.variant.label if self.spec else "?"
-            if _is_oom(e):
-                self.unload()
-                raise EngineOOMError(f"out of memory during {what} of {label}") from None
-            self.unload()
-            raise EngineError(f"{what} of {label} failed: {_one_line(e)}") from None
+            msg, oom = _one_line(e), _is_oom(e)
+        # outside the except block, so the traceback no longer pins logits/cache tensors
+        self.unload()
+        if err is not None:
+            raise err
+        if oom:
+            raise EngineOOMError(f"out of memory during {what} of {label}")
+        raise EngineError(f"{what} of {label} failed: {msg}")
 
     def tokenize(self, text: str) -> Sequence[int]:
         if self.tokenizer is None:
@@ -202,9 +269,17 @@ class ExLlamaV2Engine:
         return float(self._guard("perplexity", lambda: self._perplexity(tokens, protocol)))
 
     def _perplexity(self, tokens: Sequence[int], protocol: EvalProtocol) -> float:
+        import math
+
         torch, model, cache = self.torch, self.model, self.cache
-        window = min(protocol.window, cache.max_seq_len)
+        lm = getattr(getattr(model.config, "arch", None), "lm", None)
+        if getattr(lm, "requires_bos", False) and not protocol.add_bos:
+            raise EngineError("this architecture is incoherent without BOS (exllamav2 requires_bos); "
+                              "measure it with BOS")
+        window = min(protocol.window, self._context())
         prefill = min(protocol.prefill, window // 2) if protocol.window > window else protocol.prefill
+        if prefill >= window - 1:
+            raise EngineError(f"nothing to score: prefill {prefill} leaves no scored token in a {window}-token window")
         n = min(protocol.n_windows, len(tokens) // window)
         if n < 1:
             raise EngineError(f"evaluation text too short: {len(tokens)} tokens for one {window}-token window")
@@ -222,22 +297,22 @@ class ExLlamaV2Engine:
                 pos = prefill
                 while pos < window:
                     end = min(pos + protocol.score_chunk, window)
+                    # FP16 logits (1, end - pos, vocab padded to 32); padding columns are -65504,
+                    # i.e. exactly 0 after an FP32 softmax, so they need no slicing
                     logits = model.forward(t[:, pos:end], cache).float()
                     targets = t[:, pos + 1:end + 1].to(logits.device)
                     lp = torch.log_softmax(logits[:, :targets.shape[1]], dim=-1)
                     nll -= float(lp.gather(-1, targets.unsqueeze(-1)).sum())
                     count += int(targets.numel())
                     pos = end
-        import math
-
-        return math.exp(nll / max(count, 1))
+        return math.exp(nll / count)
 
     def speed(self, *, protocol: SpeedProtocol) -> SpeedResult:
         return self._guard("speed test", lambda: self._speed(protocol))  # type: ignore[no-any-return]
 
     def _speed(self, protocol: SpeedProtocol) -> SpeedResult:
         torch, model, cache = self.torch, self.model, self.cache
-        fill = max(min(protocol.context_fill, cache.max_seq_len - protocol.gen_tokens), 1)
+        fill = max(min(protocol.context_fill, self._context() - protocol.gen_tokens), 1)
         vocab = int(model.config.vocab_size)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (1, fill), generator=g, dtype=torch.long)
@@ -247,27 +322,25 @@ class ExLlamaV2Engine:
                 model.forward(ids[:, :min(fill, 256)], cache, preprocess_only=True)
                 model.forward(ids[:, -1:], cache)
             cache.current_seq_len = 0
-            torch.cuda.synchronize()
+            self._sync()
             t0 = time.perf_counter()
             model.forward(ids, cache, preprocess_only=True)
-            torch.cuda.synchronize()
+            self._sync()
             prompt_s = time.perf_counter() - t0
             tok = ids[:, -1:]
-            torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(protocol.gen_tokens):
                 logits = model.forward(tok, cache)
                 tok = logits[:, -1, :].argmax(dim=-1, keepdim=True).cpu()
-            torch.cuda.synchronize()
+            self._sync()
             gen_s = time.perf_counter() - t0
         return SpeedResult(prompt_tok_s=fill / max(prompt_s, 1e-9), gen_tok_s=protocol.gen_tokens / max(gen_s, 1e-9),
                            context_fill=fill)
 
     def memory(self) -> tuple[DeviceMemory, ...]:
         torch = self.torch
-        n = max(self.spec.split.n_devices if self.spec else 1, 1)
         out = []
-        for d in range(min(n, torch.cuda.device_count())):
+        for d in self._devices(self.spec.split.n_devices if self.spec else 1):
             free, total = torch.cuda.mem_get_info(d)
             out.append(DeviceMemory(index=d, peak_allocated=int(torch.cuda.max_memory_allocated(d)), used=int(total - free)))
         return tuple(out)

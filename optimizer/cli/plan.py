@@ -140,7 +140,8 @@ def fit(
         allowed = rules_for(v.format).CACHE_MODE_NAMES
         cms = tuple(cm for cm in caches if cm in allowed) if caches else allowed
         for cm in cms:
-            records.append(fit_record(max_context(variant=v, cache=cm, split=split, budget=budget, runtime=runtime)))
+            records.append(fit_record(max_context(variant=v, cache=cm, split=split, budget=budget, runtime=runtime),
+                                      batch_size=batch, chunk_len=chunk))
     if csv_path is not None:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         csv_path.write_text(to_csv(records))

@@ -298,9 +298,14 @@ def memory_plan(*, arch: ModelArch, tensors: Iterable[TensorInfo], settings: Exl
     s = settings
     a_scr, m_scr, h_scr = attn_scratch(arch, s), mlp_scratch(arch, s), head_scratch(arch, s)
     a_tr, m_tr, h_tr = _transients(arch, s)
+    # load_autosplit's test forward: one (1, max_input_len) chunk at past_len 0 (model.py ~L560-625).
+    t = Exl2Settings(max_seq_len=s.chunk_len, cache=s.cache, batch_size=1, max_input_len=s.chunk_len,
+                     max_dq_size=s.max_dq_size, flash_attn=s.flash_attn)
+    a_lt, m_lt, h_lt = _transients(arch, t)
     if arch.spec.parallel_decoder:
         a_scr = max(a_scr, m_scr)
         a_tr = max(a_tr, m_tr)
+        a_lt = max(a_lt, m_lt)
     state_size = arch.hidden_size * s.max_input_len * s.batch_size * 2
     mask_size = s.max_input_len**2 * s.batch_size * 2
     constant = 2 * (arch.head_dim * s.max_seq_len * 2)
@@ -309,11 +314,11 @@ def memory_plan(*, arch: ModelArch, tensors: Iterable[TensorInfo], settings: Exl
         if key == "embed":
             continue
         if key.endswith(".self_attn"):
-            modules.append(ModuleCost(key, nbytes, a_scr, a_tr, kv_layer=True, plan_bytes=a_scr))
+            modules.append(ModuleCost(key, nbytes, a_scr, a_tr, kv_layer=True, plan_bytes=a_scr, load_transient_bytes=a_lt))
         elif key.endswith(".mlp"):
-            modules.append(ModuleCost(key, nbytes, m_scr, m_tr, plan_bytes=m_scr))
+            modules.append(ModuleCost(key, nbytes, m_scr, m_tr, plan_bytes=m_scr, load_transient_bytes=m_lt))
         elif key == "lm_head":
-            modules.append(ModuleCost(key, nbytes, h_scr, h_tr, plan_bytes=h_scr))
+            modules.append(ModuleCost(key, nbytes, h_scr, h_tr, plan_bytes=h_scr, load_transient_bytes=h_lt))
         else:
             modules.append(ModuleCost(key, nbytes, 0, 0))
     return MemoryPlan(

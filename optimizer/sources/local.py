@@ -111,9 +111,12 @@ def variant_from_dir(path: Path) -> Variant:
     files = weight_files([p.name for p in path.iterdir() if p.is_file()])
     if not files:
         raise ModelSourceError(f"{path}: no .safetensors weight files")
-    tensors: list[TensorInfo] = []
-    for f in files:
-        tensors.extend(read_safetensors_header(path / f))
+    by_name: dict[str, TensorInfo] = {}
+    for f in files:  # ExLlamaV2 maps each key to one file (the last one read); never count a key twice
+        for t in read_safetensors_header(path / f):
+            by_name.pop(t.name, None)
+            by_name[t.name] = t
+    tensors = list(by_name.values())
     check_tensor_table(tensors, name=str(path))
     bits, head_bits = quant_bits(config)
     if bits is None:
