@@ -424,7 +424,7 @@ def scan(study: optuna.Study, *, max_retry: int) -> Ledger:
         elif t.state == TrialState.FAIL:
             if reason == STALE or status == "running":
                 led.stale[key] = led.stale.get(key, 0) + 1
-            elif status == "failed" and reason != INTERRUPTED:
+            elif status == "failed" and reason != INTERRUPTED and ua.get("retry") is not True:
                 led.done.setdefault(key, {"config_key": key, "values": None, "status": "failed",
                                           "reason": reason, "number": t.number})
     for key, n in led.stale.items():

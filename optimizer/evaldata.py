@@ -17,12 +17,16 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from optimizer.errors import EvalDataError
 
 WIKITEXT_ID = "wikitext-2-raw-v1:test"
 #: Seconds to wait for the Hub before giving up on the default dataset.
 HUB_TIMEOUT_S = 10
+#: Largest local evaluation file read (bytes); perplexity uses a few hundred KB at most
+#: (windows x window tokens), so a bigger file is almost surely the wrong one.
+MAX_EVAL_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,12 @@ class EvalText:
 
 def file_dataset_id(path: Path) -> str:
     """``file:<name>:<sha256[:12]>`` of a local evaluation file."""
+    h = hashlib.sha256()
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        with path.open("rb") as f:  # streamed: never the whole file in memory for the id
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()[:12]
     except OSError as e:
         raise EvalDataError(f"--eval-data {path}: cannot read ({e.strerror})") from None
     return f"file:{path.name}:{digest}"
@@ -56,6 +64,14 @@ def load_eval_text(*, path: Path | None) -> EvalText:
 
 def _read_local(path: Path) -> str:
     suffix = path.suffix.lower()
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise EvalDataError(f"--eval-data {path}: cannot read ({e.strerror})") from None
+    if size > MAX_EVAL_BYTES:
+        raise EvalDataError(f"--eval-data {path}: file too large ({size / 2**20:.0f} MiB > "
+                            f"{MAX_EVAL_BYTES / 2**20:.0f} MiB); perplexity needs only a few hundred KB of text, "
+                            "pass a smaller file")
     if suffix == ".txt":
         try:
             text = path.read_text(encoding="utf-8")
@@ -77,10 +93,20 @@ def _read_parquet(path: Path) -> str:
         df = pd.read_parquet(path)
     except Exception as e:
         raise EvalDataError(f"--eval-data {path}: cannot read parquet ({type(e).__name__})") from None
-    cols = ["text"] if "text" in df.columns else [c for c in df.columns if df[c].dtype == object][:1]
+    cols = ["text"] if "text" in df.columns else [c for c in df.columns if _is_text_column(df[c])][:1]
     if not cols:
-        raise EvalDataError(f"--eval-data {path}: no text column")
-    return "\n\n".join(str(x) for x in df[cols[0]].tolist())
+        raise EvalDataError(f"--eval-data {path}: no text column (expected a string column, ideally named 'text')")
+    return "\n\n".join(x for x in df[cols[0]].tolist() if isinstance(x, str))
+
+
+def _is_text_column(col: Any) -> bool:
+    """A column of strings (pandas 3 reads them as the ``str`` dtype, older pandas as ``object``)."""
+    import pandas as pd
+
+    if not (pd.api.types.is_string_dtype(col.dtype) or col.dtype == object):
+        return False
+    values = col.dropna().tolist()[:100]
+    return bool(values) and all(isinstance(x, str) for x in values)
 
 
 def _wikitext() -> str:

@@ -243,7 +243,10 @@ def _plot_png(rows: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]], p
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title("exl2opt: measured configurations within the VRAM budget")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    if pts or front:
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no measured configuration", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -37,7 +37,8 @@ VARIANTS_NAME = "variants.json"
 
 def study_dir(*, study: str, root: Path = DEFAULT_ROOT) -> Path:
     """The directory of ``study`` (not created)."""
-    if not study or "/" in study or "\\" in study or study in (".", ".."):
+    if (not study or "/" in study or "\\" in study or study in (".", "..")
+            or any(ord(ch) < 32 for ch in study) or len(study) > 200):
         raise StorageError(f"invalid study name {study!r}: use letters, digits, '-', '_' and '.'")
     return root / study
 

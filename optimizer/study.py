@@ -34,6 +34,9 @@ Trial user attributes (all JSON): ``config_key, variant, format, label, bits, he
 cache, max_seq_len, status`` (measured | reused | infeasible | outside_space | failed), ``reason``,
 ``predicted`` (per-device breakdown, bytes), ``measured`` (per-device peak/used, bytes),
 ``perplexity, gen_tok_s, prompt_tok_s, context_fill, ppl_key, speed_key, model_loaded, host, pid``.
+A failed trial keeps ``perplexity``/``ppl_key`` when only a later phase (speed) failed, so later runs
+reuse it; ``retry: true`` marks a failure by an unexpected error (a bug), measured again next run
+like ``interrupted`` and ``stale`` ones, while engine failures (``oom``, invalid results) are final.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import time
 import warnings
@@ -400,11 +404,12 @@ def run(
     task = progress.add_task("trials", total=min(len(todo), n_trials or len(todo))) if progress else None
     gpu_trials = 0
     stop = "exhausted"
+    pending: list[Any] = []
     try:
         while True:
             todo = [c for c in todo if c.key not in st.results]
             if not todo:
-                stop = "exhausted"
+                stop = "exhausted" if feasible else "nothing_fits"
                 break
             if n_trials is not None and gpu_trials >= n_trials:
                 stop = "n_trials"
@@ -420,21 +425,37 @@ def run(
                     stop = "others_running"
                     break
                 trial = _ask_fixed(study, free[0], dists)
-                trials, batch = [trial], [by_key.get(config_key_of(trial.params, spec.split), todo[0])]
+                key = config_key_of(trial.params, spec.split)
+                got = by_key.get(key)
+                # a leftover WAITING trial (an earlier run stopped between enqueue and ask) or one
+                # another process enqueued: settle it without the GPU unless it is new work
+                if got is None:
+                    tell_outside_space(study, trial, key)
+                    continue
+                if key in st.results or (key != free[0].key and key in busy):
+                    _tell_reused(study, trial, got, st.results.get(key))
+                    st.reused += 1
+                    continue
+                trials, batch = [trial], [got]
             else:
                 trials, batch = _ask_batch(study, dists, by_key, st, spec, todo, limit)
             rank = {c.key: i for i, c in enumerate(cands)}
+            pending = list(trials)  # asked (RUNNING) but not yet measured: failed if the run stops early
             for trial, cand in sorted(zip(trials, batch, strict=False), key=lambda tc: rank[tc[1].key]):
                 def say(phase: str, c: Candidate = cand) -> None:
                     if progress is not None:
                         progress.update(task, description=f"{c.config.variant.label} {c.config.cache} "
                                                           f"ctx {c.config.max_seq_len}: {phase}")
 
+                pending.remove(trial)
                 mark_running(trial, cand)
                 _measure(study, trial, cand, spec, st, backend_factory, text, say)
                 gpu_trials += 1
                 if progress is not None:
                     progress.advance(task)
+    except BaseException:
+        _fail_pending(study, pending)
+        raise
     finally:
         close_engines(st)
         if run_lock is not None:
@@ -442,8 +463,19 @@ def run(
     return SearchResult(
         study_name=study_name, n_feasible=len(feasible), n_infeasible=len(cands) - len(feasible),
         n_measured=st.measured, n_failed=st.failed, n_reused=st.reused, model_loads=st.loads,
-        exhausted=stop == "exhausted", seconds=time.monotonic() - t0, stop_reason=stop,
+        exhausted=stop in ("exhausted", "nothing_fits"), seconds=time.monotonic() - t0, stop_reason=stop,
     )
+
+
+def _fail_pending(study: optuna.Study, pending: Sequence[Any]) -> None:
+    """Fail (as ``interrupted``, so they are retried) the asked trials of a batch the run never reached."""
+    from optuna.trial import TrialState
+
+    for trial in pending:
+        with contextlib.suppress(Exception):  # the storage may be what failed; sweep_stale cleans up then
+            trial.set_user_attr("status", "failed")
+            trial.set_user_attr("reason", "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
 
 
 def _running_keys(study: optuna.Study, split: Split) -> set[str]:
@@ -464,8 +496,24 @@ def _check_fingerprint(study: optuna.Study, spec: SearchSpec) -> None:
         study.set_user_attr("eval_protocol", asdict(spec.eval_protocol))
         study.set_user_attr("speed_protocol", asdict(spec.speed_protocol))
     elif old != fp:
-        raise StudyError(f"study {study.study_name!r} was created with other settings (models, budget, split, "
-                         "contexts, caches or protocols); rerun with the same options or a new --study name")
+        raise StudyError(f"study {study.study_name!r} was created with other settings (changed: "
+                         f"{_fingerprint_diff(old, fp)}); rerun with the same options or a new --study name "
+                         "(--n-trials, --timeout and --sampler may change)")
+
+
+_FP_NAMES = {"variants": "models (a moved or renamed model directory counts)", "eval": "eval protocol/data",
+             "speed": "speed protocol", "runtime": "runtime options"}
+
+
+def _fingerprint_diff(old: str, new: str) -> str:
+    """The settings that differ between two fingerprints, by their user-facing name
+    (``models`` for a moved or renamed model directory too)."""
+    try:
+        a, b = json.loads(old), json.loads(new)
+    except (TypeError, ValueError):
+        return "unknown"
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(_FP_NAMES.get(k, k) for k in keys) or "unknown"
 
 
 def _load_history(study: optuna.Study, st: _State) -> None:
@@ -486,8 +534,17 @@ def _load_history(study: optuna.Study, st: _State) -> None:
                 st.speed[ua["speed_key"]] = (float(ua["prompt_tok_s"]), float(ua["gen_tok_s"]), int(ua["context_fill"]))
         elif t.state == TrialState.COMPLETE and status == "infeasible":
             st.results.setdefault(key, dict(ua, values=list(t.values), constraint=t.constraints.get(CONSTRAINT, 1.0)))
-        elif t.state == TrialState.FAIL and status == "failed" and ua.get("reason") not in ("interrupted", "stale"):
+        elif t.state == TrialState.FAIL and status == "failed" and not is_retryable(ua):
             st.results.setdefault(key, dict(ua, values=None, constraint=None))
+        if t.state == TrialState.FAIL and ua.get("ppl_key") and ua.get("perplexity") is not None:
+            st.ppl.setdefault(ua["ppl_key"], float(ua["perplexity"]))  # measured before a later phase failed
+
+
+def is_retryable(ua: dict[str, Any]) -> bool:
+    """Whether a failed trial (its user attributes) is measured again by the next run: interrupted,
+    stale (its process died) or an unexpected error (``retry``), as opposed to a deterministic engine
+    failure such as ``oom``."""
+    return ua.get("reason") in ("interrupted", "stale") or ua.get("retry") is True
 
 
 def _record_infeasible(study: optuna.Study, cands: Sequence[Candidate], dists: dict[str, Any], st: _State) -> None:
@@ -507,7 +564,12 @@ def _record_infeasible(study: optuna.Study, cands: Sequence[Candidate], dists: d
 
 
 def _ask_fixed(study: optuna.Study, cand: Candidate, dists: dict[str, Any]) -> optuna.Trial:
-    study.enqueue_trial(cand.params)
+    """Ask for ``cand``; a WAITING trial left in the storage is taken first (the caller settles it
+    when it is not new work), so no enqueued trial is left behind."""
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        study.enqueue_trial(cand.params)
     trial = study.ask(dists)
     _stamp(trial)  # at once: a RUNNING trial without host/pid could never be swept
     if trial.params != cand.params:  # another worker took our enqueued trial; run what we got
@@ -619,6 +681,7 @@ def _measure(study: optuna.Study, trial: Any, cand: Candidate, spec: SearchSpec,
     from optuna.trial import TrialState
 
     cfg = cand.config
+    ppl_key = ""
     try:
         say("loading")
         engine = _engine_for(cfg.variant, st, factory)
@@ -635,23 +698,38 @@ def _measure(study: optuna.Study, trial: Any, cand: Candidate, spec: SearchSpec,
             say("perplexity")
             if cfg.variant.key not in st.tokens:
                 st.tokens[cfg.variant.key] = engine.tokenize(et.text)
-            st.ppl[ppl_key] = float(engine.perplexity(tokens=st.tokens[cfg.variant.key], protocol=proto))
+            value = float(engine.perplexity(tokens=st.tokens[cfg.variant.key], protocol=proto))
+            if not math.isfinite(value) or value <= 0:
+                raise EngineError(f"the engine returned an invalid perplexity ({value})")
+            st.ppl[ppl_key] = value
         sp = spec.speed_protocol
         fill = max(min(sp.context_fill, cfg.max_seq_len - sp.gen_tokens), 1)
         speed_key = f"{cfg.variant.key}|{cfg.cache}|{cfg.split.label}|{replace(sp, context_fill=fill).key}"
         if speed_key not in st.speed:
             say("speed")
             r = engine.speed(protocol=replace(sp, context_fill=fill))
-            st.speed[speed_key] = (r.prompt_tok_s, r.gen_tok_s, r.context_fill)
+            if not all(math.isfinite(float(x)) and x >= 0 for x in (r.prompt_tok_s, r.gen_tok_s)):
+                raise EngineError(f"the engine returned an invalid speed (prompt {r.prompt_tok_s}, "
+                                  f"gen {r.gen_tok_s} tokens/s)")
+            st.speed[speed_key] = (float(r.prompt_tok_s), float(r.gen_tok_s), int(r.context_fill))
         mem = engine.memory()
     except EngineError as e:
-        reason = "oom" if isinstance(e, EngineOOMError) else str(e)
+        reason = "oom" if isinstance(e, EngineOOMError) else (str(e) or type(e).__name__)
         trial.set_user_attr("status", "failed")
         trial.set_user_attr("reason", reason)
+        if ppl_key in st.ppl:  # perplexity was measured before e.g. speed failed: keep it for later runs
+            trial.set_user_attr("ppl_key", ppl_key)
+            trial.set_user_attr("perplexity", st.ppl[ppl_key])
         study.tell(trial, state=TrialState.FAIL)
         st.results[cand.key] = {"config_key": cand.key, "values": None, "reason": reason}
         st.failed += 1
         return
+    except Exception as e:  # a bug (e.g. in a backend): fail this trial visibly, retry it next run, stop
+        trial.set_user_attr("status", "failed")
+        trial.set_user_attr("reason", f"error: {type(e).__name__}: {first_line(e)}")
+        trial.set_user_attr("retry", True)
+        study.tell(trial, state=TrialState.FAIL)
+        raise
     except BaseException:
         trial.set_user_attr("status", "failed")
         trial.set_user_attr("reason", "interrupted")

@@ -111,6 +111,7 @@ class FakeRepo:
     branches: dict[str, dict[str, FakeFile]]
     gated: bool = False
     token: str | None = None  #: the only token accepted for a gated repo
+    tags: dict[str, str] = field(default_factory=dict)  #: tag name -> branch whose commit it points at
 
     def commit(self, branch: str) -> str:
         h = hashlib.sha1(self.repo_id.encode() + b"\0" + branch.encode())
@@ -122,6 +123,8 @@ class FakeRepo:
         """Branch name for a branch name or a commit sha; None if unknown."""
         if rev in self.branches:
             return rev
+        if rev in self.tags:
+            return self.tags[rev]
         for b in self.branches:
             if self.commit(b) == rev:
                 return b
@@ -145,6 +148,7 @@ class FakeHub:
     repos: dict[str, FakeRepo] = field(default_factory=dict)
     requests: list[Req] = field(default_factory=list)
     served: list[tuple[str, int]] = field(default_factory=list)  #: (path, body bytes) of file GETs
+    tree_page_size: int | None = None  #: when set, tree listings are paged with ``Link: <…>; rel="next"``
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -321,7 +325,8 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "refs":
             return self._json({
                 "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": repo.commit(b)} for b in repo.branches],
-                "converts": [], "tags": [],
+                "converts": [],
+                "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": repo.commit(b)} for t, b in repo.tags.items()],
             })
         if kind == "tree":
             branch = self._branch(repo, m.group(4))
@@ -329,7 +334,18 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             q = parse_qs(urlsplit(self.path).query)
             recursive = q.get("recursive", ["false"])[0].lower() == "true"
-            return self._json(self._entries(repo, branch, unquote(m.group(5) or ""), recursive))
+            entries = self._entries(repo, branch, unquote(m.group(5) or ""), recursive)
+            size = self.fake.tree_page_size
+            if not size:
+                return self._json(entries)
+            start = int(q.get("cursor", ["0"])[0])
+            page = entries[start:start + size]
+            headers: dict[str, str] = {}
+            if start + size < len(entries):
+                query = f"recursive={str(recursive).lower()}&expand=false&cursor={start + size}"
+                nxt = f"{self.fake.endpoint}{urlsplit(self.path).path}?{query}"
+                headers["Link"] = f'<{nxt}>; rel="next"'
+            return self._send(200, json.dumps(page).encode(), headers)
         branch = self._branch(repo, m.group(4) if kind == "revision" else None)
         if branch is None:
             return

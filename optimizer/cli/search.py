@@ -74,6 +74,10 @@ def search(
 
     if sampler not in SAMPLERS:
         raise BadOptionError(f"unknown --sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+    if n_trials is not None and n_trials < 1:
+        raise BadOptionError("--n-trials must be at least 1")
+    if timeout is not None and timeout <= 0:
+        raise BadOptionError("--timeout must be a positive number of seconds")
     spec = spec_from_options(model=model, vram=vram, gpus=gpus, gpu_split=gpu_split, ctx=ctx, cache=cache,
                              min_ctx=min_ctx, overhead=overhead, chunk=chunk, batch=batch, flash_attn=flash_attn,
                              offline=offline, eval_data=eval_data, eval_windows=eval_windows,
@@ -97,6 +101,10 @@ def search(
     out.print(f"Study {name}: {res.n_feasible} feasible / {res.n_infeasible} rejected by the VRAM model; "
               f"measured {res.n_measured}, failed {res.n_failed}, reused {res.n_reused}, model loads {res.model_loads}; "
               f"stopped: {res.stop_reason}.")
+    if res.n_feasible == 0:
+        out.print("The VRAM model rejects every configuration of this study, so nothing was measured; "
+                  "see trials.csv for each one's predicted excess and reason, and try a larger --vram, "
+                  "smaller --ctx, quantized --cache modes or a smaller --min-ctx.", soft_wrap=True)
     if no_report:
         return
     st = open_study(study_name=name, storage_url=storage, root=root, create=False)

@@ -90,6 +90,8 @@ def worker(
         raise BadOptionError("need --heartbeat >= 1, --grace > --heartbeat, --max-retry >= 0, --poll > 0")
     if n_trials is not None and n_trials < 1:
         raise BadOptionError("--n-trials must be at least 1")
+    if timeout is not None and timeout <= 0:
+        raise BadOptionError("--timeout must be a positive number of seconds")
     options = WorkerOptions(heartbeat_interval=heartbeat, grace_period=grace, max_retry=max_retry, poll_s=poll)
     if model:
         if vram is None:

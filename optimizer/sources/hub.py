@@ -16,8 +16,10 @@ is only handed to huggingface_hub; it is never printed, logged or stored.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _EXL2_SHARD_RE = re.compile(r"^output(-\d{5}-of-\d{5})?\.safetensors$")
+_log = logging.getLogger("exl2opt")
 _TRANSPORT_MODULES = ("httpx", "httpcore", "httpx2", "requests", "urllib3", "h11", "h2", "anyio", "ssl", "socket")
 
 
@@ -57,6 +60,7 @@ class HubDiscovery:
     variants: tuple[Variant, ...]
     from_cache: bool  #: True when refs/metadata were read from the cache instead of the Hub
     reason: str = ""  #: why the cache was used ("offline", "network"), empty when online
+    skipped: tuple[str, ...] = ()  #: one line per branch left out because its files are malformed
 
 
 def discover_hub(*, spec: RepoSpec, options: HubOptions) -> list[Variant]:
@@ -84,14 +88,15 @@ def discover_hub_detailed(*, spec: RepoSpec, options: HubOptions) -> HubDiscover
                 f"{cache.root}; run once with network access first"
             )
         return HubDiscovery(variants=cached, from_cache=True, reason="offline")
+    skipped: list[str] = []
     try:
-        variants = _from_hub(spec=spec, options=options, cache=cache)
+        variants = _from_hub(spec=spec, options=options, cache=cache, skipped=skipped)
     except OfflineError as e:
         cached = _from_cache(spec=spec, cache=cache)
         if cached is None:
             raise OfflineError(f"{e}; nothing is cached for {where} yet (one online run fills the cache)") from None
         return HubDiscovery(variants=cached, from_cache=True, reason="network")
-    return HubDiscovery(variants=variants, from_cache=False)
+    return HubDiscovery(variants=variants, from_cache=False, skipped=tuple(skipped))
 
 
 # ----- online ------------------------------------------------------------------------------------
@@ -156,7 +161,13 @@ def _api(options: HubOptions) -> HfApi:
     return HfApi(endpoint=options.endpoint or None, token=options.token or None, library_name="exl2opt")
 
 
-def _from_hub(*, spec: RepoSpec, options: HubOptions, cache: MetaCache) -> tuple[Variant, ...]:
+def _from_hub(*, spec: RepoSpec, options: HubOptions, cache: MetaCache, skipped: list[str]) -> tuple[Variant, ...]:
+    """Variants read from the Hub (cached snapshots reused per commit).
+
+    When listing every branch, a branch whose config.json or shard headers are malformed is left
+    out, logged once as a warning (logger ``exl2opt``) and described in ``skipped``; if no branch is
+    usable, the first such error is raised. A revision asked for by name raises its error.
+    """
     repo = spec.repo_id
     api = _api(options)
     with _hub_errors(repo_id=repo, revision=None, options=options):
@@ -174,13 +185,37 @@ def _from_hub(*, spec: RepoSpec, options: HubOptions, cache: MetaCache) -> tuple
     else:
         todo = [(str(r["name"]), r["commit"]) for r in refs if r["kind"] == "branch"]
     variants: list[Variant] = []
+    first_error: ModelConfigError | None = None
     for rev, commit in todo:
-        docs = cache.load_snapshot_by_commit(repo, commit)
-        if docs is None:
-            docs = _fetch_revision(api=api, repo_id=repo, revision=rev, options=options, cache=cache)
-        cache.save_snapshot(repo, revision=rev, commit=commit, variants=docs)
-        variants.extend(_variant_from_doc(d, repo_id=repo, revision=rev, commit=commit) for d in docs)
+        cached = cache.load_snapshot_by_commit(repo, commit)
+        found = _variants_or_none(cached, repo_id=repo, revision=rev, commit=commit) if cached is not None else None
+        if found is None:  # not cached, or cached by an older exl2opt in another schema: fetch again
+            try:
+                docs = _fetch_revision(api=api, repo_id=repo, revision=rev, options=options, cache=cache)
+                found = [_variant_from_doc(d, repo_id=repo, revision=rev, commit=commit) for d in docs]
+            except ModelConfigError as e:
+                if spec.revision is not None:
+                    raise
+                first_error = first_error or e
+                skipped.append(str(e))
+                _log.warning("exl2opt: warning: skipping %s", e)
+                continue
+            cache.save_snapshot(repo, revision=rev, commit=commit, variants=docs)
+        else:
+            cache.save_snapshot(repo, revision=rev, commit=commit, variants=cached or [])
+        variants.extend(found)
+    if not variants and first_error is not None:
+        more = f" (and {len(skipped) - 1} more malformed branch(es))" if len(skipped) > 1 else ""
+        raise type(first_error)(f"{first_error}{more}") from None
     return _finish(variants, spec=spec)
+
+
+def _variants_or_none(docs: list[dict[str, Any]], *, repo_id: str, revision: str, commit: str | None) -> list[Variant] | None:
+    """Variants of cached documents, or None when any document is unusable (old schema, damage)."""
+    try:
+        return [_variant_from_doc(d, repo_id=repo_id, revision=revision, commit=commit) for d in docs]
+    except (HubError, ModelConfigError):
+        return None
 
 
 def _fetch_revision(*, api: HfApi, repo_id: str, revision: str, options: HubOptions, cache: MetaCache) -> list[dict[str, Any]]:
@@ -202,20 +237,15 @@ def _fetch_revision(*, api: HfApi, repo_id: str, revision: str, options: HubOpti
         if sizes.get(f"{d}/config.json" if d else "config.json", 0) > MAX_CONFIG_BYTES:
             raise ModelConfigError(f"{where}: config.json is larger than {MAX_CONFIG_BYTES // 2**20} MiB")
         with _hub_errors(repo_id=repo_id, revision=revision, options=options):
-            cfg_path = api.hf_hub_download(
-                repo_id, "config.json", subfolder=d or None, revision=revision,
-                cache_dir=str(cache.root / "hf-hub"),
-            )
-        try:
-            raw = Path(cfg_path).read_bytes()
-        except OSError as e:
-            raise HubError(f"{where}: downloaded config.json cannot be read ({e.strerror})") from None
+            raw = _config_bytes(api=api, repo_id=repo_id, subfolder=d or None, revision=revision,
+                                cache_dir=cache.root / "hf-hub", where=where)
         config = load_config_bytes(raw, name=where)
         tensors: list[list[Any]] = []
         for shard in shards:
+            name = f"{repo_id}@{revision}:{shard}"
             with _hub_errors(repo_id=repo_id, revision=revision, options=options):
-                meta = api.parse_safetensors_file_metadata(repo_id, shard, revision=revision)
-            for t in _tensors_from_meta(meta, name=f"{repo_id}@{revision}:{shard}"):
+                meta = _shard_metadata(api=api, repo_id=repo_id, shard=shard, revision=revision, name=name)
+            for t in _tensors_from_meta(meta, name=name):
                 tensors.append([t.name, t.dtype, list(t.shape), t.nbytes])
         docs.append({
             "subfolder": d or None,
@@ -231,6 +261,35 @@ def _fetch_revision(*, api: HfApi, repo_id: str, revision: str, options: HubOpti
         errors=lambda: _hub_errors(repo_id=repo_id, revision=revision, options=options),
     )
     return docs
+
+
+def _config_bytes(*, api: HfApi, repo_id: str, subfolder: str | None, revision: str, cache_dir: Path, where: str) -> bytes:
+    """config.json bytes, through the HF file cache under ``cache_dir``; when that cannot be
+    written (read-only home, a file in the way) the file goes through a throw-away directory."""
+    def fetch(root: str) -> bytes:
+        path = api.hf_hub_download(repo_id, "config.json", subfolder=subfolder, revision=revision, cache_dir=root)
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise HubError(f"{where}: downloaded config.json cannot be read ({e.strerror})") from None
+
+    try:
+        return fetch(str(cache_dir))
+    except (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError):
+        with tempfile.TemporaryDirectory(prefix="exl2opt-") as tmp:
+            return fetch(tmp)
+
+
+def _shard_metadata(*, api: HfApi, repo_id: str, shard: str, revision: str, name: str) -> Any:
+    """huggingface_hub's parsed header of one shard; a corrupt header is one line naming the file."""
+    from huggingface_hub import errors as he
+
+    try:
+        return api.parse_safetensors_file_metadata(repo_id, shard, revision=revision)
+    except (he.SafetensorsParsingError, AttributeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, he.HfHubHTTPError):
+            raise
+        raise WeightsHeaderError(f"{name}: corrupt safetensors header (not a valid safetensors file)") from None
 
 
 def _tensors_from_meta(meta: Any, *, name: str) -> tuple[TensorInfo, ...]:
