@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from optimizer.errors import HubError
+from optimizer.variant import TensorInfo
+
 #: Largest cache file read or written, in bytes (a 400B model's tensor table is a few MB).
 MAX_CACHE_FILE_BYTES = 64 * 2**20
 
@@ -137,3 +140,19 @@ class MetaCache:
         if not isinstance(doc, dict) or doc.get("repo_id") != repo_id or not isinstance(doc.get("variants"), list):
             return None
         return [v for v in doc["variants"] if isinstance(v, dict)]
+
+
+def tensors_from_rows(rows: list[Any], *, where: str) -> tuple[TensorInfo, ...]:
+    """Cached ``[name, dtype, shape, nbytes]`` rows back to :class:`TensorInfo` (exl2 and GGUF documents).
+
+    Raises:
+        HubError: a row is malformed (the cache is corrupt).
+    """
+    try:
+        return tuple(
+            TensorInfo(name=str(n), dtype=str(dt), shape=tuple(int(x) for x in shape), nbytes=int(nb))
+            for n, dt, shape, nb in rows
+        )
+    except (TypeError, ValueError):
+        raise HubError(f"{where}: cached metadata is corrupt; delete the exl2opt cache and retry") from None
+

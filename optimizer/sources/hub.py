@@ -40,7 +40,7 @@ from optimizer.errors import (
 )
 from optimizer.safetensors_header import MAX_HEADER_BYTES, parse_header_json
 from optimizer.sources import HubOptions, RepoSpec
-from optimizer.sources.cache import MetaCache, default_cache_dir
+from optimizer.sources.cache import MetaCache, default_cache_dir, tensors_from_rows
 from optimizer.sources.local import MAX_CONFIG_BYTES, bits_from_name, load_config_bytes, variant_label
 from optimizer.variant import Location, TensorInfo, Variant
 
@@ -355,13 +355,7 @@ def _variant_from_doc(doc: dict[str, Any], *, repo_id: str, revision: str, commi
     sub = doc.get("subfolder")
     if not isinstance(config, dict) or not isinstance(rows, list) or not isinstance(files, list):
         raise HubError(f"{where}: cached metadata is corrupt; delete the exl2opt cache and retry")
-    try:
-        tensors = tuple(
-            TensorInfo(name=str(n), dtype=str(dt), shape=tuple(int(x) for x in shape), nbytes=int(nb))
-            for n, dt, shape, nb in rows
-        )
-    except (TypeError, ValueError):
-        raise HubError(f"{where}: cached metadata is corrupt; delete the exl2opt cache and retry") from None
+    tensors = tensors_from_rows(rows, where=where)
     sub = sub if isinstance(sub, str) and sub else None
     # name hints: sub-folder, else the branch (unless main), else the repo name
     hint = sub or (revision if revision != "main" and not _SHA_RE.match(revision) else repo_id.split("/")[-1])

@@ -23,8 +23,9 @@ from typing import Any
 
 from optimizer.errors import HubError, ModelSourceError, WeightsHeaderError
 from optimizer.formats.gguf import GgufHeader, RangeReader, config_from_header, file_type_label, read_header
+from optimizer.sources.cache import tensors_from_rows
 from optimizer.sources.gguf_local import group_files
-from optimizer.variant import Location, TensorInfo, Variant
+from optimizer.variant import Location, Variant
 
 #: First ranged read of a header (bytes); later reads double up to :data:`MAX_READ_BYTES`.
 FIRST_READ_BYTES = 64 * 2**10
@@ -136,13 +137,7 @@ def variant_from_doc(doc: Mapping[str, Any], *, repo_id: str, revision: str, com
     if not (isinstance(config, dict) and isinstance(config.get("gguf"), dict) and isinstance(rows, list)
             and isinstance(files, list) and files and isinstance(name, str)):
         raise HubError(f"{where}: cached metadata is corrupt; delete the exl2opt cache and retry")
-    try:
-        tensors = tuple(
-            TensorInfo(name=str(n), dtype=str(dt), shape=tuple(int(x) for x in shape), nbytes=int(nb))
-            for n, dt, shape, nb in rows
-        )
-    except (TypeError, ValueError):
-        raise HubError(f"{where}: cached metadata is corrupt; delete the exl2opt cache and retry") from None
+    tensors = tensors_from_rows(rows, where=where)
     n_elem = 0
     for t in tensors:
         k = 1
