@@ -15,11 +15,13 @@ optuna-notes §2.4), and for measured ones the worst device's measured peak allo
 predicted CUDA-context overhead, minus its budget.
 
 Structure used to save GPU time:
-    * perplexity is memoized by (variant, cache mode, eval protocol): not by split or context;
+    * perplexity is memoized by (variant, cache mode, eval protocol fitted to the context): not by
+      split, nor by context once the context holds the whole eval window;
     * speed by (variant, cache mode, split, effective context fill);
     * work is ordered variant-major, then cache mode, then context *descending*, so an engine can
-      keep the model and rebuild only the cache (single GPU and manual split: each variant is
-      loaded once; autosplit places weights around the cache, so it reloads per cache size);
+      keep the model and rebuild only the cache (single GPU: each variant is loaded once; a manual
+      split is placed by ``config.max_seq_len`` and autosplit around the cache, so those reload per
+      context / cache size);
     * no configuration is measured twice: finished results (also from earlier runs of the same
       study) are reused, duplicates proposed by a sampler get the stored values, and the study stops
       when every feasible configuration has a result.
