@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from optimizer.formats.exl2_synth import synthesize
-from optimizer.safetensors_header import write_header_only
+from optimizer.safetensors_header import DTYPE_BYTES, write_header_only
+from optimizer.variant import TensorInfo
 
 TINY_LLAMA: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
@@ -25,3 +27,9 @@ def make_exl2_dir(root: Path, name: str, config: dict[str, Any], *, bits: float,
     (d / "config.json").write_text(json.dumps(cfg))
     write_header_only(d / "output.safetensors", synthesize(cfg, bits=bits, head_bits=head_bits))
     return d
+
+
+def synth_tensors(config: dict[str, Any], *, bits: float, head_bits: int = 6) -> list[TensorInfo]:
+    """The synthesized exl2 tensor table of ``config`` as :class:`TensorInfo` (no files written)."""
+    return [TensorInfo(name=name, dtype=dtype, shape=shape, nbytes=math.prod(shape) * DTYPE_BYTES[dtype])
+            for name, (dtype, shape) in synthesize(config, bits=bits, head_bits=head_bits).items()]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from exl2_fixtures import TINY_LLAMA, make_exl2_dir
+from exl2_fixtures import TINY_LLAMA, make_exl2_dir, synth_tensors
 from typer.testing import CliRunner
 
 from optimizer.arch import parse_arch
@@ -20,21 +20,7 @@ from optimizer.safetensors_header import write_header_only
 from optimizer.sources.local import discover_local
 from optimizer.space import Budget, Configuration, evaluate, max_context
 from optimizer.tables import run_recipe
-from optimizer.variant import TensorInfo
 from optimizer.vram import GIB, MIB, MemoryPlan, ModuleCost, Split, place
-
-_DTYPE = {"I32": 4, "F16": 2, "I16": 2, "U8": 1, "F32": 4, "BF16": 2}
-
-
-def _tensors(cfg: dict, bits: float) -> list[TensorInfo]:
-    out = []
-    for name, (dtype, shape) in synthesize(cfg, bits=bits, head_bits=6).items():
-        n = _DTYPE[dtype]
-        for d in shape:
-            n *= d
-        out.append(TensorInfo(name=name, dtype=dtype, shape=shape, nbytes=n))
-    return out
-
 
 # --- autosplit: placement is decided by the test forward, not by the inference peak ---------------
 
@@ -53,7 +39,7 @@ def test_autosplit_places_by_test_forward_transient_not_inference_peak() -> None
 def test_exl2_test_forward_transient_is_chunk_sized_without_flash_attn() -> None:
     cfg = dict(TINY_LLAMA, num_hidden_layers=2)
     arch = parse_arch(cfg)
-    tensors = _tensors(cfg, 4.0)
+    tensors = synth_tensors(cfg, bits=4.0)
     long = memory_plan(arch=arch, tensors=tensors, settings=Exl2Settings(max_seq_len=65536, flash_attn=False))
     short = memory_plan(arch=arch, tensors=tensors, settings=Exl2Settings(max_seq_len=2048, flash_attn=False))
     a_long = next(m for m in long.modules if m.kv_layer)

@@ -6,20 +6,18 @@ import contextlib
 from typing import Any
 
 import pytest
+from exl2_fixtures import synth_tensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from optimizer.arch import parse_arch
 from optimizer.errors import ModelConfigError, SizeParseError
 from optimizer.formats.exl2 import Exl2Settings, memory_plan
-from optimizer.formats.exl2_synth import synthesize
 from optimizer.units import MAX_SIZE, parse_size
-from optimizer.variant import TensorInfo
 from optimizer.vram import MemoryPlan, Split, place
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-_DTYPE = {"F16": 2, "I32": 4, "I16": 2}
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -110,18 +108,10 @@ _configs = st.builds(_cfg, layers=st.integers(1, 6), hidden_mult=st.integers(1, 
                      kv_div=st.sampled_from([1, 2, 4]), vocab=st.integers(100, 5000), moe=st.booleans())
 
 
-def _tensors(cfg: dict[str, Any], bits: float) -> list[TensorInfo]:
-    out = []
-    for name, (dtype, shape) in synthesize(cfg, bits=bits, head_bits=6).items():
-        n = _DTYPE[dtype]
-        for d in shape:
-            n *= d
-        out.append(TensorInfo(name=name, dtype=dtype, shape=shape, nbytes=n))
-    return out
 
 
 def _plan(cfg: dict[str, Any], *, ctx: int, cache: str = "fp16", bits: float = 4.0) -> MemoryPlan:
-    return memory_plan(arch=parse_arch(cfg), tensors=_tensors(cfg, bits), settings=Exl2Settings(max_seq_len=ctx, cache=cache))
+    return memory_plan(arch=parse_arch(cfg), tensors=synth_tensors(cfg, bits=bits), settings=Exl2Settings(max_seq_len=ctx, cache=cache))
 
 
 def _total(plan: MemoryPlan, n_gpus: int = 1) -> int:
