@@ -139,6 +139,9 @@ def _model_params(*, n_gpu_layers: int | None, dry: bool, split: Split | None = 
     llama_cpp = _llama()
     mp = llama_cpp.llama_model_default_params()
     mp.n_gpu_layers = -1 if n_gpu_layers is None else n_gpu_layers
+    # no extra CPU buffer types (weight repacking, AMX): the memory rules assume none, and on a CPU with
+    # AMX (Sapphire Rapids) this build's AMX buffers crash llama_decode (SIGSEGV, found 2026-11-29)
+    mp.use_extra_bufts = False
     if split is not None:
         from optimizer.formats.gguf_rules import tensor_split_of
 
