@@ -58,15 +58,18 @@ def is_rdb(url: str | None) -> bool:
 
 
 def safe_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for messages; never log a raw URL)."""
+    """``url`` with any password (user info or ``?password=``-like query value) replaced by ``***``
+    and control characters escaped (for messages; never log a raw URL)."""
+    from optimizer.textsafe import safe
+
     try:
         from sqlalchemy.engine import make_url
 
-        return make_url(url).render_as_string(hide_password=True)
+        return safe(make_url(url).render_as_string(hide_password=True))
     except Exception:  # not an SQLAlchemy URL: keep scheme and host only
         scheme, _, rest = url.partition("://")
-        host = rest.rpartition("@")[2].split("/")[0]
-        return f"{scheme}://{host}/..." if rest else "<storage>"
+        host = rest.rpartition("@")[2].split("/")[0].split("?")[0]
+        return safe(f"{scheme}://{host}/...") if rest else "<storage>"
 
 
 def engine_kwargs(url: str) -> dict[str, Any]:

@@ -153,9 +153,11 @@ def rich_table(records: Iterable[dict[str, Any]], columns: Sequence[str], title:
     """A rich Table of selected columns (rich imported here, not at start-up)."""
     from rich.table import Table
 
-    t = Table(title=title or None, show_lines=False)
+    from optimizer.textsafe import plain
+
+    t = Table(title=plain(title) if title else None, show_lines=False)
     for c in columns:
-        t.add_column(c, overflow="fold")
-    for r in records:
-        t.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
+        t.add_column(plain(c), overflow="fold")
+    for r in records:  # cells are plain text (never rich markup), control characters escaped
+        t.add_row(*(plain("" if r.get(c) is None else r.get(c)) for c in columns))
     return t

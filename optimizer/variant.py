@@ -8,7 +8,6 @@ safetensors / GGUF headers), and where the variant lives so a report can say how
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,17 +54,27 @@ class Location:
         return bool(self.files) and all(f.lower().endswith(".gguf") for f in self.files)
 
     def download_command(self) -> str:
-        """A shell command that fetches exactly this variant (empty for local variants)."""
+        """A shell command that fetches exactly this variant (empty for local variants).
+
+        Every value (repo id, revision, ``--include`` pattern, file names, local directory) is
+        quoted with ``shlex.quote``: a branch named ``4.0bpw;touch${IFS}x;#`` is a valid git ref,
+        and pasting the command must not run it.
+        """
         if self.kind != "hub":
             return ""
-        rev = f" --revision {self.revision}" if self.revision and self.revision != "main" else ""
-        inc = f" --include '{self.subfolder}/*'" if self.subfolder else ""
+        from optimizer.textsafe import shell_join
+
+        args = ["hf", "download", self.repo_id or "model"]
         if self.is_gguf_files:  # exactly this quant's file(s): hf download org/name [sub/]file ...
-            inc = "".join(" " + shlex.quote(f"{self.subfolder}/{f}" if self.subfolder else f) for f in self.files)
-        name = (self.repo_id or "model").split("/")[-1]
+            args += [f"{self.subfolder}/{f}" if self.subfolder else f for f in self.files]
+        elif self.subfolder:
+            args += ["--include", f"{self.subfolder}/*"]
         label = self.revision if self.revision and self.revision != "main" else ""
-        local = f"{name}-{label}" if label else name
-        return f"hf download {self.repo_id}{inc}{rev} --local-dir {local}"
+        if label:
+            args += ["--revision", label]
+        name = (self.repo_id or "model").split("/")[-1]
+        args += ["--local-dir", f"{name}-{label.replace('/', '_')}" if label else name]
+        return shell_join(args)
 
 
 @dataclass(frozen=True)

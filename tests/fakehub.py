@@ -149,6 +149,10 @@ class FakeHub:
     requests: list[Req] = field(default_factory=list)
     served: list[tuple[str, int]] = field(default_factory=list)  #: (path, body bytes) of file GETs
     tree_page_size: int | None = None  #: when set, tree listings are paged with ``Link: <…>; rel="next"``
+    #: hostile-Hub knobs: headers that replace the real ones on every ``/resolve/`` answer
+    #: (``{"ETag": "../../x"}``), and ref commits as listed (``{branch: "../../x"}``)
+    resolve_headers: dict[str, str] = field(default_factory=dict)
+    listed_commits: dict[str, str] = field(default_factory=dict)
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -324,7 +328,8 @@ class _Handler(BaseHTTPRequestHandler):
         kind = m.group(3)
         if kind == "refs":
             return self._json({
-                "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": repo.commit(b)} for b in repo.branches],
+                "branches": [{"name": b, "ref": f"refs/heads/{b}",
+                              "targetCommit": self.fake.listed_commits.get(b, repo.commit(b))} for b in repo.branches],
                 "converts": [],
                 "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": repo.commit(b)} for t, b in repo.tags.items()],
             })
@@ -374,7 +379,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "EntryNotFound", "Entry not found")
         data = f.data
         etag = '"' + hashlib.sha1(data).hexdigest() + '"'
-        headers = {"X-Repo-Commit": repo.commit(branch), "ETag": etag, "Accept-Ranges": "bytes"}
+        headers = {"X-Repo-Commit": repo.commit(branch), "ETag": etag, "Accept-Ranges": "bytes",
+                   **self.fake.resolve_headers}
         rng = self.headers.get("Range")
         mr = re.match(r"^bytes=(\d+)-(\d*)$", rng or "")
         if mr and self.command == "GET":

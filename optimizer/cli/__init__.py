@@ -14,6 +14,7 @@ import typer
 
 from optimizer import __version__
 from optimizer.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, Exl2optError
+from optimizer.textsafe import safe
 
 app = typer.Typer(
     name="exl2opt",
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exl2optError as e:
         if _DEBUG["on"]:
             raise
-        print(f"exl2opt: error: {e}", file=sys.stderr)
+        print(f"exl2opt: error: {safe(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         if _DEBUG["on"]:
@@ -90,5 +91,5 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(e.exit_code)  # type: ignore[attr-defined]
         if _DEBUG["on"]:
             raise
-        print(f"exl2opt: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"exl2opt: internal error: {type(e).__name__}: {safe(e)} (run with --debug for the traceback)", file=sys.stderr)
         sys.exit(EXIT_RUNTIME)

@@ -13,6 +13,7 @@ from optimizer.formats import RuntimeOptions
 from optimizer.sources import resolve_sources
 from optimizer.space import Budget, Configuration, check_caches, enumerate_configs, evaluate, max_context, plan_rows
 from optimizer.tables import breakdown_json, fit_record, plan_record, rich_table, to_csv, to_json
+from optimizer.textsafe import plain
 from optimizer.units import fmt_both
 from optimizer.variant import Variant
 from optimizer.vram import Split
@@ -90,7 +91,7 @@ def plan(
     con.print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
     con.print(rich_table([_short(rec) for _, rec in shown], list(_PLAN_COLS.values())))
     n_fit = sum(1 for rec in records if rec["fits"])
-    con.print(f"{n_fit} of {len(records)} configurations fit." + (f" CSV: {csv_path}" if csv_path else ""))
+    con.print(plain(f"{n_fit} of {len(records)} configurations fit." + (f" CSV: {csv_path}" if csv_path else "")))
 
 
 def _default_line(variant: Variant, *, split: Split, budget: Budget, runtime: RuntimeOptions) -> str:
@@ -153,8 +154,8 @@ def fit(
     con = Console()
     con.print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
     for v in variants:
-        con.print(f"{v.label}: {v.source}")
-        con.print("  " + _default_line(v, split=split, budget=budget, runtime=runtime), soft_wrap=True)
+        con.print(plain(f"{v.label}: {v.source}"))
+        con.print(plain("  " + _default_line(v, split=split, budget=budget, runtime=runtime)), soft_wrap=True)
     con.print(rich_table(
         [{"variant": r["label"], "cache": r["cache"], "default ctx": r["default_ctx"],
           "max ctx that fits": r["max_ctx"] or "none", "total GiB": r["total_gib"], "headroom GiB": r["headroom_gib"]}
@@ -165,6 +166,6 @@ def fit(
     if best:
         con.print("How to run (ExLlamaV2 0.3.2):")
         for r in best:
-            con.print(f"  {r['label']} {r['cache']}: {r['run']}", soft_wrap=True)
+            con.print(plain(f"  {r['label']} {r['cache']}: {r['run']}"), soft_wrap=True)
     else:
         con.print("Nothing fits this budget, even at 256 tokens of context.")

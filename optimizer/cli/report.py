@@ -34,6 +34,7 @@ def report(
     from optimizer.report import recommendation, write_reports
     from optimizer.storage import JOURNAL_NAME, study_dir
     from optimizer.study import open_study
+    from optimizer.textsafe import plain
 
     d = study_dir(study=study, root=root)
     if storage is None and not (d / JOURNAL_NAME).is_file():
@@ -41,7 +42,7 @@ def report(
     st = open_study(study_name=study, storage_url=storage, root=root, create=False)
     files, front = write_reports(study=st, out_dir=out or d, plots=not no_plots)
     con = Console()
-    con.print(recommendation(front), soft_wrap=True)
+    con.print(plain(recommendation(front)), soft_wrap=True)
     if files.comparison:
-        con.print(files.comparison, soft_wrap=True)
-    con.print("Reports: " + ", ".join(str(f) for f in files.written))
+        con.print(plain(files.comparison), soft_wrap=True)
+    con.print(plain("Reports: " + ", ".join(str(f) for f in files.written)))

@@ -17,6 +17,7 @@ import typer
 from optimizer.cli import _common as c
 from optimizer.cli import app
 from optimizer.errors import BadOptionError
+from optimizer.textsafe import plain
 
 
 def _default_study(model: list[str], vram: str) -> str:
@@ -92,15 +93,15 @@ def search(
         factory = default_factory(backend)
     name = study or _default_study(model, vram)
     con = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=con, transient=False) as prog:
         res = run(spec=spec, study_name=name, backend_factory=factory,
                   eval_text=lambda: load_eval_text(path=eval_data), storage_url=storage, root=root,
                   n_trials=n_trials, timeout=timeout, sampler=sampler, seed=seed, progress=prog)
     out = Console()
-    out.print(f"Study {name}: {res.n_feasible} feasible / {res.n_infeasible} rejected by the VRAM model; "
+    out.print(plain(f"Study {name}: {res.n_feasible} feasible / {res.n_infeasible} rejected by the VRAM model; "
               f"measured {res.n_measured}, failed {res.n_failed}, reused {res.n_reused}, model loads {res.model_loads}; "
-              f"stopped: {res.stop_reason}.")
+              f"stopped: {res.stop_reason}."))
     if res.n_feasible == 0:
         out.print("The VRAM model rejects every configuration of this study, so nothing was measured; "
                   "see trials.csv for each one's predicted excess and reason, and try a larger --vram, "
@@ -109,7 +110,7 @@ def search(
         return
     st = open_study(study_name=name, storage_url=storage, root=root, create=False)
     files, front = write_reports(study=st, out_dir=study_dir(study=name, root=root))
-    out.print(recommendation(front), soft_wrap=True)
+    out.print(plain(recommendation(front)), soft_wrap=True)
     if files.comparison:
-        out.print(files.comparison, soft_wrap=True)
-    out.print("Reports: " + ", ".join(str(f) for f in files.written))
+        out.print(plain(files.comparison), soft_wrap=True)
+    out.print(plain("Reports: " + ", ".join(str(f) for f in files.written)))

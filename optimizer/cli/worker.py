@@ -19,6 +19,7 @@ import typer
 from optimizer.cli import _common as c
 from optimizer.cli import app
 from optimizer.errors import BadOptionError
+from optimizer.textsafe import safe, shell_join
 
 
 def default_factory(backend: str) -> Any:
@@ -106,7 +107,7 @@ def worker(
     me = worker_id()
 
     def log(msg: str) -> None:
-        print(f"[{me}] {msg}", file=sys.stderr, flush=True)
+        print(safe(f"[{me}] {msg}"), file=sys.stderr, flush=True)
 
     old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     try:
@@ -115,10 +116,11 @@ def worker(
                          n_trials=n_trials, timeout=timeout, options=options, log=log)
     finally:
         signal.signal(signal.SIGTERM, old)
-    print(f"worker {me}: measured {res.n_measured} configuration(s) here; study {study!r}: "
-          f"{res.n_feasible} feasible, {res.n_failed} failed, stop: {res.stop_reason}")
-    where = f" --storage '{_safe(storage)}'" if storage else ""
-    print(f"Report: exl2opt report --study {study}{where}")
+    print(safe(f"worker {me}: measured {res.n_measured} configuration(s) here; study {study!r}: "
+               f"{res.n_feasible} feasible, {res.n_failed} failed, stop: {res.stop_reason}"))
+    where = ["--storage", _safe(storage)] if storage else []
+    where += ["--studies-dir", str(root)] if root != Path("studies") else []
+    print(safe("Report: " + shell_join(["exl2opt", "report", study, *where])))
 
 
 def _safe(url: str | None) -> str:

@@ -376,7 +376,9 @@ def file_type_label(kv: Mapping[str, Any], fallback: str) -> str:
     if isinstance(ft, int) and ft in FILE_TYPES:
         return FILE_TYPES[ft]
     m = re.search(r"(?i)(?:^|[-_.])((?:I?Q\d(?:_[A-Z0-9]+)*)|BF16|F16|F32)(?:$|[-_.])", fallback)
-    return m.group(1).upper() if m else fallback
+    from optimizer.textsafe import strip_controls
+
+    return m.group(1).upper() if m else strip_controls(fallback)
 
 
 # ----- memory rules -----------------------------------------------------------------------------

@@ -48,12 +48,20 @@ class RepoSpec:
 
 
 def parse_repo_spec(text: str) -> RepoSpec | None:
-    """``org/name@rev`` -> RepoSpec; None when ``text`` does not look like a repo id."""
+    """``org/name@rev`` -> RepoSpec; None when ``text`` does not look like a repo id.
+
+    Raises:
+        ModelSourceError: the revision is empty or not a valid git ref name (``..``, ``/`` first...).
+    """
     repo, _, rev = text.partition("@")
     if not _REPO_RE.match(repo):
         return None
     if "@" in text and not rev:
         raise ModelSourceError(f"{text!r}: empty revision after '@'")
+    if rev:
+        from optimizer.sources.names import check_revision
+
+        check_revision(rev, where=repo)
     return RepoSpec(repo_id=repo, revision=rev or None)
 
 

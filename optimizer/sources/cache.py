@@ -3,17 +3,21 @@
 Layout under the cache root (default ``~/.cache/exl2opt``, or ``EXL2OPT_CACHE``)::
 
     hub/<org>--<name>/refs.json                 branches/tags with their commit sha
-    hub/<org>--<name>/revisions/<rev>.json      revision -> commit sha and snapshot key
+    hub/<org>--<name>/revisions/<hash>.json     revision -> commit sha and snapshot key
     hub/<org>--<name>/snapshots/<key>.json      variants found at that snapshot (config + tensors)
 
-``<key>`` is the commit sha when it is known (so a moved branch never reuses stale data), otherwise
-``rev-<quoted revision>``. Files are JSON, written atomically, and refused when larger than
+``<hash>`` is the SHA-256 of the revision name (a name never becomes a path; the name is stored in
+the file and checked on read). ``<key>`` is the commit sha when it is known (so a moved branch
+never reuses stale data), otherwise ``rev-<hash>``. ``<org>`` and ``<name>`` are parts of a repo id
+already checked against the Hub's rules (letters, digits, ``.``, ``_``, ``-``, starting alphanumeric).
+Files are JSON, written atomically, and refused when larger than
 :data:`MAX_CACHE_FILE_BYTES`; an unreadable or corrupt file counts as a miss. Nothing here ever
 holds a token: only public metadata (names, sizes, config.json, safetensors header tables).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,12 +29,14 @@ from typing import Any
 from urllib.parse import quote
 
 from optimizer.errors import HubError
+from optimizer.sources.names import revision_problem
 from optimizer.variant import TensorInfo
 
 #: Largest cache file read or written, in bytes (a 400B model's tensor table is a few MB).
 MAX_CACHE_FILE_BYTES = 64 * 2**20
 
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+_SNAPSHOT_KEY_RE = re.compile(r"^(?:rev-)?[0-9a-f]{40}$")
 
 
 def default_cache_dir() -> Path:
@@ -44,8 +50,13 @@ def default_cache_dir() -> Path:
 
 
 def _safe(name: str) -> str:
-    """A file-name-safe, reversible spelling of a revision or repo id part."""
+    """A file-name-safe, reversible spelling of a repo id part."""
     return quote(name, safe="._-")
+
+
+def _key(name: str) -> str:
+    """A fixed-length file name for a revision name (never the name itself)."""
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,7 @@ class MetaCache:
             return None
         out = []
         for r in doc["refs"]:
-            if isinstance(r, dict) and isinstance(r.get("name"), str):
+            if isinstance(r, dict) and isinstance(r.get("name"), str) and revision_problem(r["name"]) is None:
                 c = r.get("commit")
                 out.append({"name": r["name"], "kind": str(r.get("kind") or "branch"),
                             "commit": c if isinstance(c, str) else None})
@@ -105,7 +116,7 @@ class MetaCache:
     def snapshot_key(*, revision: str, commit: str | None) -> str:
         if commit and _SHA_RE.match(commit):
             return commit
-        return "rev-" + _safe(revision)
+        return "rev-" + _key(revision)
 
     def save_snapshot(self, repo_id: str, *, revision: str, commit: str | None, variants: list[dict[str, Any]]) -> None:
         """Store the variants found at ``revision`` (resolved to ``commit`` when known)."""
@@ -113,7 +124,7 @@ class MetaCache:
         d = self._repo_dir(repo_id)
         self._write(d / "snapshots" / f"{key}.json",
                     {"repo_id": repo_id, "commit": commit, "revision": revision, "variants": variants})
-        self._write(d / "revisions" / f"{_safe(revision)}.json",
+        self._write(d / "revisions" / f"{_key(revision)}.json",
                     {"repo_id": repo_id, "revision": revision, "commit": commit, "snapshot": key, "saved_at": time.time()})
 
     def load_snapshot_by_commit(self, repo_id: str, commit: str | None) -> list[dict[str, Any]] | None:
@@ -124,8 +135,9 @@ class MetaCache:
 
     def load_snapshot_by_revision(self, repo_id: str, revision: str) -> tuple[str | None, list[dict[str, Any]]] | None:
         """(commit, variants) last seen for a revision name, or None when never cached."""
-        doc = self._read(self._repo_dir(repo_id) / "revisions" / f"{_safe(revision)}.json")
-        if not isinstance(doc, dict) or doc.get("repo_id") != repo_id or not isinstance(doc.get("snapshot"), str):
+        doc = self._read(self._repo_dir(repo_id) / "revisions" / f"{_key(revision)}.json")
+        if (not isinstance(doc, dict) or doc.get("repo_id") != repo_id or doc.get("revision") != revision
+                or not isinstance(doc.get("snapshot"), str)):
             return None
         variants = self._load_snapshot(repo_id, doc["snapshot"])
         if variants is None:
@@ -134,7 +146,7 @@ class MetaCache:
         return (commit if isinstance(commit, str) else None), variants
 
     def _load_snapshot(self, repo_id: str, key: str) -> list[dict[str, Any]] | None:
-        if "/" in key or key.startswith("."):
+        if not _SNAPSHOT_KEY_RE.match(key):
             return None
         doc = self._read(self._repo_dir(repo_id) / "snapshots" / f"{key}.json")
         if not isinstance(doc, dict) or doc.get("repo_id") != repo_id or not isinstance(doc.get("variants"), list):

@@ -1,66 +1,134 @@
 """Fetch a Hub variant's files for measurement (the only place exl2opt downloads weights).
 
 Discovery never downloads weights; a ``search`` trial that must load a Hub variant calls
-:func:`local_path`, which downloads exactly that variant into the Hugging Face cache at its recorded
-commit (``HF_ENDPOINT`` / ``HF_TOKEN`` as huggingface_hub reads them) and returns a local path the
-engine can open. Local variants are returned as they are.
+:func:`local_path`, which downloads exactly that variant at its recorded commit and returns a local
+path the engine can open. Local variants are returned as they are.
+
+The files are listed with huggingface_hub (``HfApi.list_repo_tree``) and fetched with plain GETs
+into exl2opt's own directory ``<cache>/weights/<hash>/`` (``<hash>``: SHA-256 of endpoint, repo and
+commit), under their repo paths after :func:`~optimizer.sources.names.path_problem` accepted them.
+Server-chosen values (``ETag``, ``X-Repo-Commit``) never become paths, unlike huggingface_hub's own
+cache. Each file is written to a temporary name and renamed when its size matches the listing;
+a file already present with the listed size is kept (a rerun resumes). ``HF_ENDPOINT`` and
+``HF_TOKEN`` are read as huggingface_hub reads them; the token is never shown.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
+from pathlib import Path
 
-from optimizer.errors import EngineError
+from optimizer.errors import EngineError, Exl2optError
+from optimizer.sources.names import is_commit, path_problem, revision_problem
+from optimizer.textsafe import safe
 from optimizer.variant import Variant
+
+#: Converter leftovers that a model load never reads.
+_SKIP = ("hidden_states.safetensors", "cal_data.safetensors")
+_CHUNK = 8 * 2**20
 
 
 def local_path(variant: Variant) -> str:
     """A local directory (exl2) or first file (GGUF) holding ``variant``, downloading it if needed.
 
     Raises:
-        EngineError: the download failed (one line; the token is never shown).
+        EngineError: the download failed or a name is unsafe (one line; the token is never shown).
     """
     loc = variant.location
     if loc.kind == "local":
         if not loc.path:
-            raise EngineError(f"{variant.source}: no local path")
+            raise EngineError(f"{safe(variant.source)}: no local path")
         return loc.path
-    if variant.format == "gguf":
-        return _download_files(variant)
-    return _download_snapshot(variant)
-
-
-def _revision(variant: Variant) -> str | None:
-    return variant.location.commit or variant.location.revision
-
-
-def _download_snapshot(variant: Variant) -> str:
-    """exl2: the whole revision (or its bpw sub-folder): weights, config.json and tokenizer."""
-    from huggingface_hub import snapshot_download
-
-    loc = variant.location
-    patterns = [f"{loc.subfolder}/*"] if loc.subfolder else None
     try:
-        root = snapshot_download(loc.repo_id or "", revision=_revision(variant), allow_patterns=patterns,
-                                 endpoint=os.environ.get("HF_ENDPOINT") or None)
-    except Exception as e:  # any Hub/transport failure fails this configuration only
-        raise EngineError(f"{variant.source}: cannot download ({type(e).__name__})") from None
-    return os.path.join(root, loc.subfolder) if loc.subfolder else root
+        return _download(variant)
+    except EngineError:
+        raise
+    except Exl2optError as e:
+        raise EngineError(f"{safe(variant.source)}: cannot download ({safe(e)})") from None
+    except Exception as e:  # any Hub/transport/disk failure fails this configuration only
+        raise EngineError(f"{safe(variant.source)}: cannot download ({type(e).__name__})") from None
 
 
-def _download_files(variant: Variant) -> str:
-    """GGUF: the variant's file(s); split parts land beside each other, as llama.cpp expects."""
-    from huggingface_hub import hf_hub_download
-
+def _pin(variant: Variant) -> str:
     loc = variant.location
-    paths = []
-    for f in loc.files:
-        name = f"{loc.subfolder}/{f}" if loc.subfolder else f
-        try:
-            paths.append(hf_hub_download(loc.repo_id or "", name, revision=_revision(variant),
-                                         endpoint=os.environ.get("HF_ENDPOINT") or None))
-        except Exception as e:  # any Hub/transport failure fails this configuration only
-            raise EngineError(f"{variant.source}: cannot download {name} ({type(e).__name__})") from None
-    if not paths:
-        raise EngineError(f"{variant.source}: no GGUF file to download")
-    return str(paths[0])
+    if is_commit(loc.commit):
+        return str(loc.commit)
+    rev = loc.revision or "main"
+    why = revision_problem(rev)
+    if why is not None:
+        raise EngineError(f"{safe(variant.source)}: refusing to download: revision {safe(repr(rev))} {why}")
+    return rev
+
+
+def weights_dir(*, endpoint: str, repo_id: str, pin: str) -> Path:
+    """exl2opt's download directory of one repo at one commit (a hash, never a server-chosen name)."""
+    from optimizer.sources.cache import default_cache_dir
+
+    key = hashlib.sha256(f"{endpoint}\0{repo_id}\0{pin}".encode()).hexdigest()[:40]
+    return default_cache_dir() / "weights" / key
+
+
+def _download(variant: Variant) -> str:
+    from huggingface_hub import HfApi, RepoFile
+    from huggingface_hub.utils import build_hf_headers, disable_progress_bars
+
+    from optimizer.sources.hub_files import file_url
+
+    disable_progress_bars()
+    loc = variant.location
+    repo = loc.repo_id or ""
+    pin = _pin(variant)
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+    sub = loc.subfolder or ""
+    if sub and path_problem(sub):
+        raise EngineError(f"{safe(variant.source)}: refusing to download: unsafe sub-folder {safe(repr(sub))}")
+    listed = {e.path: int(e.size) for e in HfApi(endpoint=endpoint, token=token, library_name="exl2opt")
+              .list_repo_tree(repo, revision=pin, recursive=True) if isinstance(e, RepoFile)}
+    if variant.format == "gguf":
+        wanted = [f"{sub}/{f}" if sub else f for f in loc.files]
+        missing = [w for w in wanted if w not in listed]
+        if not wanted or missing:
+            raise EngineError(f"{safe(variant.source)}: GGUF file(s) not in the repo: {safe(', '.join(missing))}")
+    else:
+        wanted = sorted(p for p in listed if (not sub or p.startswith(sub + "/")) and os.path.basename(p) not in _SKIP)
+    root = weights_dir(endpoint=endpoint, repo_id=repo, pin=pin)
+    headers = build_hf_headers(token=token, library_name="exl2opt")
+    for path in wanted:
+        why = path_problem(path)
+        if why is not None:
+            raise EngineError(f"{safe(variant.source)}: refusing to download {safe(repr(path))}: it {why}")
+        _fetch(url=file_url(endpoint=endpoint, repo_id=repo, path=path, revision=pin), headers=headers,
+               dest=root / path, size=listed[path])
+    if variant.format == "gguf":
+        return str(root / wanted[0])
+    return str(root / sub) if sub else str(root)
+
+
+def _fetch(*, url: str, headers: dict[str, str], dest: Path, size: int) -> None:
+    """Stream ``url`` into ``dest`` (a temporary name first); the body must be exactly ``size`` bytes."""
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+
+    if dest.is_file() and dest.stat().st_size == size:
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+    try:
+        got = 0
+        with os.fdopen(fd, "wb") as out, get_session().stream("GET", url, headers=headers, timeout=60) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                hf_raise_for_status(resp)
+            for chunk in resp.iter_bytes(_CHUNK):
+                got += len(chunk)
+                if got > size:
+                    raise EngineError(f"{dest.name}: the server sent more than the listed {size} bytes")
+                out.write(chunk)
+        if got != size:
+            raise EngineError(f"{dest.name}: got {got} of {size} bytes")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -19,8 +19,7 @@ import contextlib
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,16 +37,16 @@ from optimizer.errors import (
     RevisionNotFoundError,
     WeightsHeaderError,
 )
-from optimizer.safetensors_header import MAX_HEADER_BYTES, parse_header_json
 from optimizer.sources import HubOptions, RepoSpec
 from optimizer.sources.cache import MetaCache, default_cache_dir, tensors_from_rows
-from optimizer.sources.local import MAX_CONFIG_BYTES, bits_from_name, load_config_bytes, variant_label
+from optimizer.sources.local import MAX_CONFIG_BYTES, bits_from_name, variant_label
+from optimizer.sources.names import is_commit, revision_problem, safe_repo_paths
+from optimizer.textsafe import safe
 from optimizer.variant import Location, TensorInfo, Variant
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _EXL2_SHARD_RE = re.compile(r"^output(-\d{5}-of-\d{5})?\.safetensors$")
 _log = logging.getLogger("exl2opt")
 _TRANSPORT_MODULES = ("httpx", "httpcore", "httpx2", "requests", "urllib3", "h11", "h2", "anyio", "ssl", "socket")
@@ -172,14 +171,13 @@ def _from_hub(*, spec: RepoSpec, options: HubOptions, cache: MetaCache, skipped:
     api = _api(options)
     with _hub_errors(repo_id=repo, revision=None, options=options):
         git_refs = api.list_repo_refs(repo)
-    refs: list[dict[str, str | None]] = []
-    refs += [{"name": b.name, "kind": "branch", "commit": b.target_commit} for b in git_refs.branches]
-    refs += [{"name": t.name, "kind": "tag", "commit": t.target_commit} for t in git_refs.tags]
+    refs = _checked_refs(repo, [("branch", b.name, b.target_commit) for b in git_refs.branches]
+                         + [("tag", t.name, t.target_commit) for t in git_refs.tags], skipped=skipped)
     cache.save_refs(repo, refs)
     if spec.revision is not None:
         known = {r["name"]: r["commit"] for r in refs}
         commit = known.get(spec.revision)
-        if commit is None and _SHA_RE.match(spec.revision):
+        if commit is None and is_commit(spec.revision):
             commit = spec.revision
         todo = [(spec.revision, commit)]
     else:
@@ -191,14 +189,15 @@ def _from_hub(*, spec: RepoSpec, options: HubOptions, cache: MetaCache, skipped:
         found = _variants_or_none(cached, repo_id=repo, revision=rev, commit=commit) if cached is not None else None
         if found is None:  # not cached, or cached by an older exl2opt in another schema: fetch again
             try:
-                docs = _fetch_revision(api=api, repo_id=repo, revision=rev, options=options, cache=cache)
+                docs = _fetch_revision(api=api, repo_id=repo, revision=rev, commit=commit, options=options,
+                                       skipped=skipped)
                 found = [_variant_from_doc(d, repo_id=repo, revision=rev, commit=commit) for d in docs]
             except ModelConfigError as e:
                 if spec.revision is not None:
                     raise
                 first_error = first_error or e
                 skipped.append(str(e))
-                _log.warning("exl2opt: warning: skipping %s", e)
+                _log.warning("exl2opt: warning: skipping %s", safe(e))
                 continue
             cache.save_snapshot(repo, revision=rev, commit=commit, variants=docs)
         else:
@@ -210,6 +209,22 @@ def _from_hub(*, spec: RepoSpec, options: HubOptions, cache: MetaCache, skipped:
     return _finish(variants, spec=spec)
 
 
+def _checked_refs(repo: str, listed: Sequence[tuple[str, object, object]], *,
+                  skipped: list[str]) -> list[dict[str, str | None]]:
+    """Refs as cacheable dicts. A name that is not a valid git ref (or holds ``..``) is left out
+    with one warning; a commit that is not 40 hex digits is dropped (the name is used instead)."""
+    refs: list[dict[str, str | None]] = []
+    for kind, name, commit in listed:
+        why = revision_problem(name) if isinstance(name, str) else "it is not a string"
+        if why is not None:
+            note = f"{repo}: {kind} {safe(repr(name))[:120]} ignored: {why}"
+            skipped.append(note)
+            _log.warning("exl2opt: warning: %s", note)
+            continue
+        refs.append({"name": str(name), "kind": kind, "commit": str(commit) if is_commit(commit) else None})
+    return refs
+
+
 def _variants_or_none(docs: list[dict[str, Any]], *, repo_id: str, revision: str, commit: str | None) -> list[Variant] | None:
     """Variants of cached documents, or None when any document is unusable (old schema, damage)."""
     try:
@@ -218,13 +233,31 @@ def _variants_or_none(docs: list[dict[str, Any]], *, repo_id: str, revision: str
         return None
 
 
-def _fetch_revision(*, api: HfApi, repo_id: str, revision: str, options: HubOptions, cache: MetaCache) -> list[dict[str, Any]]:
-    """Metadata of every exl2 variant at one revision, as cacheable JSON documents."""
-    from huggingface_hub import RepoFile
+def _fetch_revision(*, api: HfApi, repo_id: str, revision: str, commit: str | None, options: HubOptions,
+                    skipped: list[str]) -> list[dict[str, Any]]:
+    """Metadata of every exl2 variant at one revision, as cacheable JSON documents.
 
+    Files are listed with huggingface_hub (``list_repo_tree``) at the commit when it is known; a
+    listed path that could escape its folder (``..``, absolute, control characters) is left out and
+    noted in ``skipped``. config.json and shard headers are read with plain ranged GETs
+    (``optimizer.sources.hub_files``); nothing is written outside exl2opt's own metadata cache.
+    """
+    from huggingface_hub import RepoFile
+    from huggingface_hub.utils import build_hf_headers
+
+    from optimizer.sources.hub_files import file_url, read_config, read_safetensors_header
+
+    pin = str(commit) if is_commit(commit) else revision
     with _hub_errors(repo_id=repo_id, revision=revision, options=options):
-        entries = list(api.list_repo_tree(repo_id, revision=revision, recursive=True))
-    sizes = {e.path: int(e.size) for e in entries if isinstance(e, RepoFile)}
+        entries = list(api.list_repo_tree(repo_id, revision=pin, recursive=True))
+    listed = {e.path: int(e.size) for e in entries if isinstance(e, RepoFile)}
+    good, bad = safe_repo_paths(list(listed))
+    if bad:
+        note = f"{repo_id}@{revision}: {len(bad)} file(s) with unsafe names ignored, e.g. {safe(repr(bad[0]))}"
+        skipped.append(note)
+        _log.warning("exl2opt: warning: %s", note)
+    sizes = {p: listed[p] for p in good}
+    headers = build_hf_headers(token=options.token or None, library_name="exl2opt")
     dirs = sorted({os.path.dirname(p) for p in sizes if os.path.basename(p) == "config.json"})
     docs: list[dict[str, Any]] = []
     for d in dirs:
@@ -234,19 +267,23 @@ def _fetch_revision(*, api: HfApi, repo_id: str, revision: str, options: HubOpti
         if not shards:
             continue  # e.g. main with README + measurement.json, or a non-exl2 folder
         where = f"{repo_id}@{revision}" + (f"/{d}" if d else "")
-        if sizes.get(f"{d}/config.json" if d else "config.json", 0) > MAX_CONFIG_BYTES:
+        cfg_path = f"{d}/config.json" if d else "config.json"
+        if sizes.get(cfg_path, 0) > MAX_CONFIG_BYTES:
             raise ModelConfigError(f"{where}: config.json is larger than {MAX_CONFIG_BYTES // 2**20} MiB")
         with _hub_errors(repo_id=repo_id, revision=revision, options=options):
-            raw = _config_bytes(api=api, repo_id=repo_id, subfolder=d or None, revision=revision,
-                                cache_dir=cache.root / "hf-hub", where=where)
-        config = load_config_bytes(raw, name=where)
-        tensors: list[list[Any]] = []
+            config = read_config(url=file_url(endpoint=api.endpoint, repo_id=repo_id, path=cfg_path, revision=pin),
+                                 headers=headers, where=where)
+        by_name: dict[str, TensorInfo] = {}
         for shard in shards:
             name = f"{repo_id}@{revision}:{shard}"
             with _hub_errors(repo_id=repo_id, revision=revision, options=options):
-                meta = _shard_metadata(api=api, repo_id=repo_id, shard=shard, revision=revision, name=name)
-            for t in _tensors_from_meta(meta, name=name):
-                tensors.append([t.name, t.dtype, list(t.shape), t.nbytes])
+                found = read_safetensors_header(
+                    url=file_url(endpoint=api.endpoint, repo_id=repo_id, path=shard, revision=pin),
+                    headers=headers, name=name, file_size=sizes[shard])
+            for t in found:  # as ExLlamaV2 (and local discovery): the last shard holding a key wins
+                by_name.pop(t.name, None)
+                by_name[t.name] = t
+        tensors = [[t.name, t.dtype, list(t.shape), t.nbytes] for t in by_name.values()]
         docs.append({
             "subfolder": d or None,
             "files": [os.path.basename(s) for s in shards],
@@ -258,52 +295,9 @@ def _fetch_revision(*, api: HfApi, repo_id: str, revision: str, options: HubOpti
 
     docs += fetch_gguf_docs(
         repo_id=repo_id, revision=revision, sizes=sizes, endpoint=api.endpoint, token=options.token,
-        errors=lambda: _hub_errors(repo_id=repo_id, revision=revision, options=options),
+        errors=lambda: _hub_errors(repo_id=repo_id, revision=revision, options=options), pin=pin,
     )
     return docs
-
-
-def _config_bytes(*, api: HfApi, repo_id: str, subfolder: str | None, revision: str, cache_dir: Path, where: str) -> bytes:
-    """config.json bytes, through the HF file cache under ``cache_dir``; when that cannot be
-    written (read-only home, a file in the way) the file goes through a throw-away directory."""
-    def fetch(root: str) -> bytes:
-        path = api.hf_hub_download(repo_id, "config.json", subfolder=subfolder, revision=revision, cache_dir=root)
-        try:
-            return Path(path).read_bytes()
-        except OSError as e:
-            raise HubError(f"{where}: downloaded config.json cannot be read ({e.strerror})") from None
-
-    try:
-        return fetch(str(cache_dir))
-    except (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError):
-        with tempfile.TemporaryDirectory(prefix="exl2opt-") as tmp:
-            return fetch(tmp)
-
-
-def _shard_metadata(*, api: HfApi, repo_id: str, shard: str, revision: str, name: str) -> Any:
-    """huggingface_hub's parsed header of one shard; a corrupt header is one line naming the file."""
-    from huggingface_hub import errors as he
-
-    try:
-        return api.parse_safetensors_file_metadata(repo_id, shard, revision=revision)
-    except (he.SafetensorsParsingError, AttributeError, KeyError, TypeError, ValueError) as e:
-        if isinstance(e, he.HfHubHTTPError):
-            raise
-        raise WeightsHeaderError(f"{name}: corrupt safetensors header (not a valid safetensors file)") from None
-
-
-def _tensors_from_meta(meta: Any, *, name: str) -> tuple[TensorInfo, ...]:
-    """Validate huggingface_hub's parsed header with exl2opt's own checks (dtype, sizes, overlaps)."""
-    import json
-
-    header = {
-        k: {"dtype": v.dtype, "shape": list(v.shape), "data_offsets": list(v.data_offsets)}
-        for k, v in meta.tensors.items()
-    }
-    raw = json.dumps(header).encode()
-    if len(raw) > MAX_HEADER_BYTES:
-        raise WeightsHeaderError(f"{name}: safetensors header is implausibly large")
-    return parse_header_json(raw, name=name)
 
 
 # ----- cache -------------------------------------------------------------------------------------
@@ -358,7 +352,7 @@ def _variant_from_doc(doc: dict[str, Any], *, repo_id: str, revision: str, commi
     tensors = tensors_from_rows(rows, where=where)
     sub = sub if isinstance(sub, str) and sub else None
     # name hints: sub-folder, else the branch (unless main), else the repo name
-    hint = sub or (revision if revision != "main" and not _SHA_RE.match(revision) else repo_id.split("/")[-1])
+    hint = sub or (revision if revision != "main" and not is_commit(revision) else repo_id.split("/")[-1])
     bits, head_bits = quant_bits(config)
     if bits is None:
         bits, hb_name = bits_from_name(hint)

@@ -3,9 +3,9 @@
 A GGUF repo holds one ``.gguf`` file per quant (``Model-Q4_K_M.gguf``), possibly in sub-folders and
 possibly as split sets (``Q8_0/Model-Q8_0-00001-of-00002.gguf``). Every quant becomes one variant.
 Only the header of each file is read, through :func:`optimizer.formats.gguf.read_header` over ranged
-GETs of the file's ``resolve`` URL (huggingface_hub's session, endpoint and token, so errors map as
-for exl2). Requests start at :data:`FIRST_READ_BYTES` and double up to :data:`MAX_READ_BYTES`, so a
-tiny header costs one small request and a multi-MB tokenizer a handful; tensor data are never read.
+GETs of the file's ``resolve`` URL (``optimizer.sources.http``: huggingface_hub's session, endpoint
+and token, so errors map as for exl2). Requests start at 64 KiB and double up to 4 MiB, so a tiny
+header costs one small request and a multi-MB tokenizer a handful; tensor data are never read.
 Vision projectors (``mmproj*.gguf``) are not model variants and are skipped.
 
 Results are plain JSON documents (``"format": "gguf"``) stored by ``optimizer.sources.hub`` in the
@@ -21,15 +21,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from optimizer.errors import HubError, ModelSourceError, WeightsHeaderError
-from optimizer.formats.gguf import GgufHeader, RangeReader, config_from_header, file_type_label, read_header
+from optimizer.errors import HubError, ModelSourceError
+from optimizer.formats.gguf import GgufHeader, config_from_header, file_type_label, read_header
+from optimizer.sources import http
 from optimizer.sources.cache import tensors_from_rows
 from optimizer.sources.gguf_local import group_files
 from optimizer.variant import Location, Variant
 
-#: First ranged read of a header (bytes); later reads double up to :data:`MAX_READ_BYTES`.
-FIRST_READ_BYTES = 64 * 2**10
-MAX_READ_BYTES = 4 * 2**20
 _SPLIT_RE = re.compile(r"^(?P<stem>.+)-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 
 #: ``errors()`` wraps a Hub call and maps its exceptions to exl2opt's typed errors.
@@ -41,42 +39,6 @@ def gguf_paths(sizes: Mapping[str, int]) -> list[str]:
     return sorted(p for p in sizes if p.lower().endswith(".gguf") and not os.path.basename(p).lower().startswith("mmproj"))
 
 
-def hub_range_reader(*, url: str, headers: Mapping[str, str], timeout_s: float = 30.0) -> RangeReader:
-    """A :data:`RangeReader` over huggingface_hub's HTTP session (redirects followed; the token in
-    ``headers`` is dropped by the session on a cross-host redirect). Reads at least a growing chunk
-    (:data:`FIRST_READ_BYTES` doubling to :data:`MAX_READ_BYTES`). A 416 answer is the end of the
-    file; a server that ignores ``Range`` is refused before its body is read.
-
-    HTTP errors are raised as huggingface_hub's errors (``hf_raise_for_status``) for the caller's
-    error mapping.
-    """
-    from huggingface_hub.utils import get_session, hf_raise_for_status
-
-    state = {"next": FIRST_READ_BYTES}
-
-    def read(offset: int, length: int) -> bytes:
-        want = max(length, state["next"])
-        state["next"] = min(state["next"] * 2, MAX_READ_BYTES)
-        rng = f"bytes={offset}-{offset + want - 1}"
-        with get_session().stream("GET", url, headers={**headers, "Range": rng}, timeout=timeout_s) as resp:
-            if resp.status_code == 416:
-                return b""
-            if resp.status_code >= 400:
-                resp.read()
-                hf_raise_for_status(resp)
-            if resp.status_code != 206:
-                raise WeightsHeaderError(f"{url.split('?')[0]}: the server ignores HTTP range requests "
-                                         f"(status {resp.status_code}); refusing to download the whole file")
-            data = b""
-            for chunk in resp.iter_bytes():
-                data += chunk
-                if len(data) >= want:
-                    break
-            return data[:want]
-
-    return read
-
-
 def fetch_gguf_docs(
     *,
     repo_id: str,
@@ -85,8 +47,10 @@ def fetch_gguf_docs(
     endpoint: str,
     token: str | None,
     errors: ErrorScope,
+    pin: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Cacheable documents of every GGUF variant at one revision (``sizes``: path -> bytes).
+    """Cacheable documents of every GGUF variant at one revision (``sizes``: path -> bytes; files
+    are read at ``pin``, the revision's commit when known).
 
     Raises:
         ModelSourceError: a split set with missing parts.
@@ -109,10 +73,10 @@ def fetch_gguf_docs(
         rel = [p.as_posix() for p in group]
         parsed: list[GgufHeader] = []
         for path in rel:
-            url = hf_hub_url(repo_id, path, revision=revision, endpoint=endpoint)
+            url = hf_hub_url(repo_id, path, revision=pin or revision, endpoint=endpoint)
             with errors():
-                parsed.append(read_header(hub_range_reader(url=url, headers=headers),
-                                          name=f"{repo_id}@{revision}:{path}", chunk_bytes=FIRST_READ_BYTES))
+                parsed.append(read_header(http.range_reader(url=url, headers=headers),
+                                          name=f"{repo_id}@{revision}:{path}", chunk_bytes=http.FIRST_READ_BYTES))
         sub = os.path.dirname(rel[0])
         m = _SPLIT_RE.match(os.path.basename(rel[0]))
         stem = m.group("stem") if m else os.path.basename(rel[0])[: -len(".gguf")]

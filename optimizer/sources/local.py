@@ -14,6 +14,7 @@ from typing import Any
 from optimizer.arch import quant_bits
 from optimizer.errors import ModelConfigError, ModelSourceError, WeightsHeaderError
 from optimizer.safetensors_header import read_safetensors_header
+from optimizer.textsafe import strip_controls
 from optimizer.variant import Location, TensorInfo, Variant
 
 #: config.json files larger than this are refused (real ones are < 100 kB).
@@ -61,19 +62,20 @@ def bits_from_name(name: str) -> tuple[float | None, int | None]:
 
 
 def variant_label(config: dict[str, Any], fallback: str) -> str:
-    """``3.0bpw-h6`` from an exl2 ``quantization_config`` or the name, else ``fallback``."""
+    """``3.0bpw-h6`` from an exl2 ``quantization_config`` or the name, else ``fallback`` (with any
+    control character shown as an escape: a label is printed and written everywhere)."""
     qc = config.get("quantization_config")
     if isinstance(qc, dict) and qc.get("quant_method") == "exl2":
         bits, hb = qc.get("bits"), qc.get("head_bits")
-        if isinstance(bits, (int, float)) and not isinstance(bits, bool):
+        if isinstance(bits, (int, float)) and not isinstance(bits, bool) and 0 < bits <= 32:
             label = f"{float(bits):.2f}".rstrip("0").rstrip(".")
             label = label if "." in label else f"{label}.0"
-            return f"{label}bpw" + (f"-h{hb}" if isinstance(hb, int) else "")
+            return f"{label}bpw" + (f"-h{hb}" if isinstance(hb, int) and not isinstance(hb, bool) and 0 <= hb <= 16 else "")
     bits, head = bits_from_name(fallback)
     if bits is not None:
         text = f"{bits:g}" + ("" if "." in f"{bits:g}" else ".0")
         return text + "bpw" + (f"-h{head}" if head else "")
-    return fallback
+    return strip_controls(fallback)
 
 
 def weight_files(names: list[str]) -> list[str]:
