@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from optimizer.cli import _common as c
+from optimizer.cli import _predict as pr
 from optimizer.cli import app
 from optimizer.formats import RuntimeOptions
 from optimizer.sources import resolve_sources
@@ -62,6 +63,7 @@ def plan(
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write every configuration to this CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (with per-GPU breakdowns) instead of a table."),
     only_fits: bool = typer.Option(False, "--fits-only", help="Show only configurations that fit."),
+    gpu: Optional[str] = pr.GpuOpt,
 ) -> None:
     """Predict VRAM per GPU for every variant x context x cache mode, and whether it fits."""
     budget = c.budget_from(vram=vram, overhead=overhead)
@@ -77,7 +79,9 @@ def plan(
         budget=budget,
         runtime=runtime,
     )
-    records = [plan_record(r) for r in rows]
+    gpu_names = pr.resolve_gpus(gpu)
+    preds = [pr.predict_row(r.config.variant, r.config.cache, r.config.max_seq_len, r.verdict, gpu_names) for r in rows]
+    records = [{**plan_record(r), **pr.summary_columns(p)} for r, p in zip(rows, preds, strict=True)]
     if csv_path is not None:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         csv_path.write_text(to_csv(records))
@@ -89,9 +93,14 @@ def plan(
 
     con = Console()
     con.print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
-    con.print(rich_table([_short(rec) for _, rec in shown], list(_PLAN_COLS.values())))
+    cols = list(_PLAN_COLS.values()) + pr.columns(gpu_names)
+    by_rec = {id(rec): p for rec, p in zip(records, preds, strict=True)}
+    con.print(rich_table([{**_short(rec), **pr.cells(by_rec[id(rec)], rec["fits"])} for _, rec in shown], cols))
     n_fit = sum(1 for rec in records if rec["fits"])
     con.print(plain(f"{n_fit} of {len(records)} configurations fit." + (f" CSV: {csv_path}" if csv_path else "")))
+    cands = [pr.Candidate(r.config.variant, r.config.cache, r.config.max_seq_len, p)
+             for r, p in zip(rows, preds, strict=True) if r.verdict.fits]
+    con.print(plain(pr.decision_line(cands, gpu_names)), soft_wrap=True)
 
 
 def _default_line(variant: Variant, *, split: Split, budget: Budget, runtime: RuntimeOptions) -> str:
@@ -125,6 +134,7 @@ def fit(
     n_gpu_layers: Optional[int] = c.NGpuLayersOpt,
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the answer to this CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    gpu: Optional[str] = pr.GpuOpt,
 ) -> None:
     """For each variant and cache mode: the largest context (a multiple of 256) that fits, and how to run it."""
     budget = c.budget_from(vram=vram, overhead=overhead)
@@ -136,13 +146,19 @@ def fit(
 
     if caches:
         caches = check_caches(variants, caches)
-    records = []
+    gpu_names = pr.resolve_gpus(gpu)
+    records, cands = [], []
     for v in variants:
         allowed = rules_for(v.format).CACHE_MODE_NAMES
         cms = tuple(cm for cm in caches if cm in allowed) if caches else allowed
         for cm in cms:
-            records.append(fit_record(max_context(variant=v, cache=cm, split=split, budget=budget, runtime=runtime),
-                                      batch_size=batch, chunk_len=chunk))
+            res = max_context(variant=v, cache=cm, split=split, budget=budget, runtime=runtime)
+            p = pr.predict_row(v, cm, res.max_seq_len or res.default_ctx, res.verdict, gpu_names)
+            records.append({**fit_record(res, batch_size=batch, chunk_len=chunk), **pr.summary_columns(p)})
+            records[-1]["_cells"] = pr.cells(p, res.max_seq_len is not None)
+            if res.max_seq_len:
+                cands.append(pr.Candidate(v, cm, res.max_seq_len, p))
+    cells = [r.pop("_cells") for r in records]
     if csv_path is not None:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         csv_path.write_text(to_csv(records))
@@ -158,9 +174,9 @@ def fit(
         con.print(plain("  " + _default_line(v, split=split, budget=budget, runtime=runtime)), soft_wrap=True)
     con.print(rich_table(
         [{"variant": r["label"], "cache": r["cache"], "default ctx": r["default_ctx"],
-          "max ctx that fits": r["max_ctx"] or "none", "total GiB": r["total_gib"], "headroom GiB": r["headroom_gib"]}
-         for r in records],
-        ["variant", "cache", "default ctx", "max ctx that fits", "total GiB", "headroom GiB"],
+          "max ctx that fits": r["max_ctx"] or "none", "total GiB": r["total_gib"], "headroom GiB": r["headroom_gib"], **cl}
+         for r, cl in zip(records, cells, strict=True)],
+        ["variant", "cache", "default ctx", "max ctx that fits", "total GiB", "headroom GiB", *pr.columns(gpu_names)],
     ))
     best = [r for r in records if r["max_ctx"]]
     if best:
@@ -169,3 +185,4 @@ def fit(
             con.print(plain(f"  {r['label']} {r['cache']}: {r['run']}"), soft_wrap=True)
     else:
         con.print("Nothing fits this budget, even at 256 tokens of context.")
+    con.print(plain(pr.decision_line(cands, gpu_names)), soft_wrap=True)

@@ -1,0 +1,123 @@
+"""`fit` / `plan` --gpu: predicted columns and the one decision line, offline on the shipped example and fixtures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from exl2_fixtures import TINY_LLAMA, make_exl2_dir
+
+from optimizer.cli import main
+from optimizer.cli._predict import Candidate, choose
+from optimizer.predict import Estimate
+from optimizer.predict.configs import ConfigPrediction, variant_bits
+from optimizer.sources.local import discover_local
+from optimizer.variant import Location
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "studies" / "examples" / "Smaug-34B-v0.1-3.0bpw-h6-exl2"
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
+
+
+@pytest.fixture()
+def two_variants(tmp_path: Path) -> Path:
+    make_exl2_dir(tmp_path / "m", "3.0bpw", TINY_LLAMA, bits=3.0)
+    make_exl2_dir(tmp_path / "m", "6.0bpw", TINY_LLAMA, bits=6.0)
+    return tmp_path / "m"
+
+
+def test_fit_on_the_example_shows_predictions_and_one_pick(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["fit", "-m", str(EXAMPLE), "--vram", "15GB", "--gpu", "T4"], capsys)
+    assert code == 0, err
+    assert "pred." in out and "(+16" in out  # the ppl column's interval cell (+16..+73 %)
+    picks = [ln for ln in out.splitlines() if ln.startswith("Pick:")]
+    assert len(picks) == 1
+    # 15 GB: the FP16 cache reaches only 1792 tokens, so the pick is a quantized cache with >= 4096 tokens
+    assert "context 1792" not in picks[0] and "tok/s on Tesla T4" in picks[0]
+
+
+def test_fit_json_carries_predicted_columns_and_exact_bits(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["fit", "-m", str(EXAMPLE), "--vram", "15GB", "--gpu", "rtx 4090", "--json"], capsys)
+    assert code == 0
+    rows = json.loads(out)
+    assert {r["cache"] for r in rows} == {"fp16", "fp8", "q8", "q6", "q4"}
+    for r in rows:
+        assert r["pred_bits"] == pytest.approx(3.0, abs=0.02)  # from the headers, not the label
+        assert r["pred_ppl_change_low_pct"] <= r["pred_ppl_change_pct"] <= r["pred_ppl_change_high_pct"]
+        assert r["pred_gen_tok_s_low"] <= r["pred_gen_tok_s"] <= r["pred_gen_tok_s_high"]
+    by = {r["cache"]: r for r in rows}
+    assert by["fp16"]["pred_ppl_change_pct"] < by["q4"]["pred_ppl_change_pct"] < by["fp8"]["pred_ppl_change_pct"]
+
+
+def test_plan_prefers_the_better_variant_and_shows_speed_only_with_a_gpu(two_variants: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["plan", "-m", str(two_variants), "--vram", "4GB", "--ctx", "4096", "--cache", "fp16", "--json"], capsys)
+    rows = json.loads(out)
+    assert code == 0 and all("pred_gen_tok_s" not in r for r in rows)
+    code, out, _ = run(["plan", "-m", str(two_variants), "--vram", "4GB", "--ctx", "4096", "--cache", "fp16", "--gpu", "3090"], capsys)
+    pick = next(ln for ln in out.splitlines() if ln.startswith("Pick:"))
+    assert "6.0bpw" in pick and "RTX 3090" in pick
+    code, out, _ = run(["plan", "-m", str(two_variants), "--vram", "4GB", "--ctx", "4096", "--cache", "fp16", "--gpu", "3090",
+                        "--json"], capsys)
+    speed = {r["bits"]: r["pred_gen_tok_s"] for r in json.loads(out)}
+    assert speed[3.0] > speed[6.0]
+
+
+def test_gpu_list_needs_no_model(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["fit", "--gpu", "list"], capsys)
+    assert code == 0 and "RTX 4090" in out and "H100 SXM5 80GB" in out
+
+
+@pytest.mark.parametrize("name", ["voodoo", "a100"])
+def test_unknown_gpu_is_one_line_usage_error(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["fit", "-m", str(EXAMPLE), "--vram", "15GB", "--gpu", name], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_gpu_auto_without_a_gpu_says_so_and_continues(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("optimizer.predict.gpus.detect_gpu_names", lambda **_: [])
+    code, out, err = run(["fit", "-m", str(EXAMPLE), "--vram", "15GB", "--gpu", "auto"], capsys)
+    assert code == 0 and "no GPU found" in err and "Pick:" in out
+
+
+def test_gpu_auto_uses_the_detected_gpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("optimizer.predict.gpus.detect_gpu_names", lambda **_: ["NVIDIA GeForce RTX 4090"])
+    code, out, _ = run(["fit", "-m", str(EXAMPLE), "--vram", "24GB", "--gpu", "auto"], capsys)
+    assert code == 0 and "tok/s on RTX 4090" in out
+
+
+def test_download_command_is_shell_quoted() -> None:
+    loc = Location(kind="hub", repo_id="org/model", revision="3.0bpw; rm -rf ~")
+    cmd = loc.download_command()
+    assert "--revision '3.0bpw; rm -rf ~'" in cmd and "--local-dir 'model-3.0bpw; rm -rf ~'" in cmd
+
+
+def _cand(v, cache: str, ctx: int, ratio: float, tps: float) -> Candidate:
+    return Candidate(v, cache, ctx, ConfigPrediction(Estimate(ratio, ratio, ratio), False, Estimate(tps, tps, tps), 2048, 4.0))
+
+
+def test_choose_prefers_a_usable_context_then_quality_then_speed() -> None:
+    (v,) = discover_local(EXAMPLE)
+    short_best = _cand(v, "fp16", 1792, 1.10, 20)
+    long_a = _cand(v, "q4", 6144, 1.12, 19)
+    long_b = _cand(v, "q6", 4352, 1.11, 18)
+    pick, best = choose([short_best, long_a, long_b]) or (None, None)
+    assert pick is long_b and best is short_best
+    tie = _cand(v, "q8", 4352, 1.11, 25)
+    assert choose([long_b, tie])[0] is tie  # type: ignore[index]
+    only_short = _cand(v, "fp16", 1024, 1.2, 10)
+    assert choose([only_short])[0] is only_short  # type: ignore[index]
+
+
+def test_variant_bits_counts_exl2_linears_once() -> None:
+    (v,) = discover_local(EXAMPLE)
+    vb = variant_bits(v)
+    assert vb is not None and vb.n_layers == 60
+    assert vb.head_bits == pytest.approx(6.33, abs=0.05)
+    assert 33e9 < vb.decoder_params < 34e9  # Yi-34B decoder
