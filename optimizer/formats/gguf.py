@@ -31,14 +31,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optimizer.errors import BadOptionError, UnsupportedArchitectureError, WeightsHeaderError
+from optimizer.errors import BadOptionError, WeightsHeaderError
+from optimizer.formats.gguf_meta import (
+    MAX_KEPT_NUMERIC,
+    MAX_KEPT_OTHER,
+    MAX_TENSOR_DIMS,
+    KeepBudget,
+    check_alignment,
+    check_array,
+    check_metadata,
+    check_tensor,
+    hparams,
+)
 
 #: A byte-range reader: ``read(offset, length)`` returns up to ``length`` bytes from ``offset``.
 RangeReader = Callable[[int, int], bytes]
 
 GGUF_MAGIC = b"GGUF"
-#: Arrays longer than this are skipped (only their length is kept), e.g. tokenizer tables.
-MAX_KEPT_ARRAY = 64
 #: Headers larger than this are refused (real ones are a few MB: the tokenizer dominates).
 MAX_HEADER_BYTES = 256 * 2**20
 DEFAULT_CHUNK_BYTES = 2 * 2**20
@@ -152,6 +161,10 @@ class _Cursor:
     def unpack(self, fmt: str) -> Any:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
+    @property
+    def name(self) -> str:
+        return self._name
+
     def string(self) -> str:
         n = self.unpack("<Q")
         if n > 1 << 24:
@@ -159,25 +172,35 @@ class _Cursor:
         return self.take(n).decode("utf-8", "replace")
 
 
-def _value(c: _Cursor, vtype: int, key: str, kv_len: dict[str, int]) -> Any:
+def _value(c: _Cursor, vtype: int, key: str, kv_len: dict[str, int], budget: KeepBudget, depth: int = 0) -> Any:
+    """One metadata value; arrays are checked (count, depth) before anything is read or skipped."""
     if vtype in _SCALAR:
+        budget.spend(8)
         return c.unpack(_SCALAR[vtype])
     if vtype == _STRING:
-        return c.string()
+        s = c.string()
+        budget.spend(len(s))
+        return s
     if vtype == _ARRAY:
         etype, count = c.unpack("<I"), c.unpack("<Q")
-        if count > MAX_KEPT_ARRAY:
+        size = struct.calcsize(_SCALAR[etype]) if etype in _SCALAR else None
+        if etype not in _SCALAR and etype not in (_STRING, _ARRAY):
+            raise WeightsHeaderError(f"{c.name}: unknown GGUF value type {etype} in {key!r}")
+        check_array(name=c.name, key=key, etype=etype, count=count, elem_bytes=size, depth=depth + 1,
+                    remaining=MAX_HEADER_BYTES - c.pos)
+        keep = MAX_KEPT_NUMERIC if (size is not None and not key.startswith("tokenizer.")) else MAX_KEPT_OTHER
+        if count > keep:
             kv_len[key] = count
-            if etype in _SCALAR:
-                c.skip(count * struct.calcsize(_SCALAR[etype]))
+            if size is not None:
+                c.skip(count * size)
             elif etype == _STRING:
                 for _ in range(count):
                     c.skip(c.unpack("<Q"))
             else:
-                raise WeightsHeaderError(f"unsupported nested GGUF array in {key!r}")
+                raise WeightsHeaderError(f"{c.name}: GGUF key {key!r} holds a long array of arrays")
             return None
-        return [_value(c, etype, key, kv_len) for _ in range(count)]
-    raise WeightsHeaderError(f"unknown GGUF value type {vtype} for {key!r}")
+        return [_value(c, etype, key, kv_len, budget, depth + 1) for _ in range(count)]
+    raise WeightsHeaderError(f"{c.name}: unknown GGUF value type {vtype} for {key!r}")
 
 
 def read_header(read: RangeReader, *, name: str = "<gguf>", chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> GgufHeader:
@@ -185,9 +208,11 @@ def read_header(read: RangeReader, *, name: str = "<gguf>", chunk_bytes: int = D
 
     ``read(offset, length)`` may return fewer bytes only at the end of the file. Remote use:
     wrap HTTP ``Range: bytes=a-b`` requests (``chunk_bytes`` per request, 2 MiB by default).
+    Counts, array lengths, nesting and tensor shapes are checked before anything is allocated,
+    and the metadata by :func:`optimizer.formats.gguf_meta.check_metadata`.
 
     Raises:
-        WeightsHeaderError: not a GGUF file, truncated, or malformed.
+        WeightsHeaderError: not a GGUF file, truncated, malformed, or implausible.
     """
     c = _Cursor(read, chunk_bytes, name)
     if c.take(4) != GGUF_MAGIC:
@@ -200,27 +225,35 @@ def read_header(read: RangeReader, *, name: str = "<gguf>", chunk_bytes: int = D
         raise WeightsHeaderError(f"{name}: implausible GGUF counts ({n_tensors} tensors, {n_kv} keys)")
     kv: dict[str, Any] = {}
     kv_len: dict[str, int] = {}
+    budget = KeepBudget(name=name)
     for _ in range(n_kv):
         key = c.string()
-        kv[key] = _value(c, c.unpack("<I"), key, kv_len)
+        budget.spend(len(key) + 64)
+        if key in kv or key in kv_len:
+            raise WeightsHeaderError(f"{name}: GGUF key {key[:80]!r} appears twice")
+        kv[key] = _value(c, c.unpack("<I"), key, kv_len, budget)
         if kv[key] is None:
             del kv[key]
+    check_metadata(kv, kv_len, name=name)
     tensors: list[GgufTensor] = []
+    seen: set[str] = set()
     for _ in range(n_tensors):
         tname = c.string()
+        budget.spend(len(tname) + 128)
+        if tname in seen:
+            raise WeightsHeaderError(f"{name}: tensor {tname[:80]!r} appears twice")
+        seen.add(tname)
         n_dims = c.unpack("<I")
-        if n_dims > 8:
+        if n_dims > MAX_TENSOR_DIMS:
             raise WeightsHeaderError(f"{name}: tensor {tname!r} has {n_dims} dimensions")
         shape = tuple(c.unpack("<Q") for _ in range(n_dims))
         type_id, offset = c.unpack("<I"), c.unpack("<Q")
         if type_id not in GGML_TYPES:
             raise WeightsHeaderError(f"{name}: tensor {tname!r} has unknown ggml type {type_id}")
         _, block, size = GGML_TYPES[type_id]
-        n = 1
-        for d in shape:
-            n *= d
+        n = check_tensor(name=name, tname=tname, shape=shape, block=block)
         tensors.append(GgufTensor(name=tname, type_id=type_id, shape=shape, offset=offset, nbytes=-(-n // block) * size))
-    align = int(kv.get("general.alignment", 32)) or 32
+    align = check_alignment(kv.get("general.alignment", 32), name=name)
     data_offset = -(-c.pos // align) * align
     return GgufHeader(version=version, kv=kv, kv_array_len=kv_len, tensors=tuple(tensors),
                       data_offset=data_offset, header_bytes_read=c.fetched)
@@ -301,35 +334,13 @@ class GgufModel:
         return self.n_swa > 0 and self.arch in SWA_PATTERNS
 
 
-def _int(kv: Mapping[str, Any], key: str, default: int | None = None) -> int:
-    v = kv.get(key, default)
-    if v is None:
-        raise UnsupportedArchitectureError(f"GGUF header lacks {key!r}")
-    if isinstance(v, list):
-        v = max(v) if v else 0
-    return int(v)
-
-
 _BLK_RE = re.compile(r"^blk\.(\d+)\.")
 
 
 def model_from_config(config: Mapping[str, Any], tensors: Any) -> GgufModel:
     """:class:`GgufModel` from a GGUF variant's config (``gguf_config``) and tensors (name, nbytes)."""
-    kv = config["gguf"]
-    arch = str(kv.get("general.architecture", ""))
-    if not arch:
-        raise UnsupportedArchitectureError("GGUF header has no general.architecture")
-    p = f"{arch}."
-    n_layer = _int(kv, p + "block_count")
-    n_embd = _int(kv, p + "embedding_length")
-    n_head = _int(kv, p + "attention.head_count")
-    hkv = kv.get(p + "attention.head_count_kv", n_head)
-    n_head_kv = tuple(int(x) for x in hkv) if isinstance(hkv, list) else (int(hkv),) * n_layer
-    dk = _int(kv, p + "attention.key_length", n_embd // max(n_head, 1))
-    dv = _int(kv, p + "attention.value_length", n_embd // max(n_head, 1))
-    n_vocab = int(config.get("vocab_size") or _int(kv, p + "vocab_size", 0))
-    if n_vocab <= 0:
-        raise UnsupportedArchitectureError("GGUF header has no vocabulary size (tokenizer.ggml.tokens)")
+    hp = hparams(config)
+    n_layer = hp.n_layer
     layer = [0] * n_layer
     output = embd = total = 0
     names = set()
@@ -347,10 +358,9 @@ def model_from_config(config: Mapping[str, Any], tensors: Any) -> GgufModel:
     if tied:
         output += embd
     return GgufModel(
-        arch=arch, n_layer=n_layer, n_embd=n_embd, n_ff=_int(kv, p + "feed_forward_length", 4 * n_embd),
-        n_head=n_head, n_head_kv=n_head_kv, head_dim_k=dk, head_dim_v=dv, n_vocab=n_vocab,
-        n_ctx_train=_int(kv, p + "context_length", 4096), n_swa=_int(kv, p + "attention.sliding_window", 0),
-        qk_norm="blk.0.attn_q_norm.weight" in names, tied=tied, layer_bytes=tuple(layer),
+        arch=hp.arch, n_layer=n_layer, n_embd=hp.n_embd, n_ff=hp.n_ff, n_head=hp.n_head, n_head_kv=hp.n_head_kv,
+        head_dim_k=hp.head_dim_k, head_dim_v=hp.head_dim_v, n_vocab=hp.n_vocab, n_ctx_train=hp.n_ctx_train,
+        n_swa=hp.n_swa, qk_norm="blk.0.attn_q_norm.weight" in names, tied=tied, layer_bytes=tuple(layer),
         output_bytes=output, embd_bytes=embd, total_bytes=total,
     )
 
