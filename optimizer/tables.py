@@ -1,4 +1,7 @@
-"""Rows for tables, CSV and JSON: plan rows, fit rows. Bytes stay ints; GiB columns are for reading."""
+"""Rows for tables, CSV and JSON: plan rows, fit rows. Bytes stay ints; GiB columns are for reading.
+
+``run_recipe`` / ``load_call`` (the ExLlamaV2 Python line) live in ``optimizer.recipes.exl2``.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +11,10 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from optimizer.recipes.exl2 import run_recipe
 from optimizer.space import FitResult, PlanRow
 from optimizer.units import GIB
-from optimizer.vram import Split, VramVerdict
-
-_CACHE_CLASS = {
-    "fp16": "ExLlamaV2Cache",
-    "fp8": "ExLlamaV2Cache_8bit",
-    "q8": "ExLlamaV2Cache_Q8",
-    "q6": "ExLlamaV2Cache_Q6",
-    "q4": "ExLlamaV2Cache_Q4",
-}
+from optimizer.vram import VramVerdict
 
 
 def _gib(n: int) -> float:
@@ -77,38 +73,6 @@ def breakdown_json(v: VramVerdict) -> list[dict[str, Any]]:
         }
         for d in v.devices
     ]
-
-
-def load_call(split: Split) -> str:
-    """The ExLlamaV2 load call for a split."""
-    if split.mode == "single":
-        return "model.load()"
-    if split.mode == "manual":
-        return f"model.load(gpu_split=[{', '.join(f'{g:g}' for g in split.gpu_split)}])"
-    return "model.load_autosplit(cache)"
-
-
-def run_recipe(*, cache: str, max_seq_len: int, split: Split, batch_size: int = 1, chunk_len: int | None = None) -> str:
-    """How to run a configuration with ExLlamaV2 0.3.2, as one line of Python (after
-    ``config = ExLlamaV2Config(model_dir)``; settings go on the config before the model is built).
-
-    Autosplit needs a lazy cache created *before* ``load_autosplit``. A single-GPU or manual load
-    must come *first*: a non-lazy cache places each layer on ``model.cache_map``, which is empty
-    until ``model.load()`` ran (the K/V tensors would silently land in system RAM).
-    ``batch_size`` and ``chunk_len`` (``config.max_input_len``) are written only when not default.
-    """
-    cls = _CACHE_CLASS.get(cache, cache)
-    sets = f"config.max_seq_len = {max_seq_len}; "
-    if chunk_len is not None and chunk_len != 2048:
-        sets += f"config.max_input_len = {chunk_len}; "
-    batch = ""
-    if batch_size != 1:
-        sets += f"config.max_batch_size = {batch_size}; "
-        batch = f", batch_size={batch_size}"
-    sets += "model = ExLlamaV2(config); "
-    if split.mode == "auto":
-        return f"{sets}cache = {cls}(model, max_seq_len={max_seq_len}{batch}, lazy=True); {load_call(split)}"
-    return f"{sets}{load_call(split)}; cache = {cls}(model, max_seq_len={max_seq_len}{batch})"
 
 
 def fit_record(f: FitResult, *, batch_size: int = 1, chunk_len: int | None = None) -> dict[str, Any]:

@@ -53,6 +53,13 @@ class Location:
         """The variant is a set of ``.gguf`` files (one per quant): they, not a folder, identify it."""
         return bool(self.files) and all(f.lower().endswith(".gguf") for f in self.files)
 
+    @property
+    def local_dir(self) -> str:
+        """The folder :meth:`download_command` downloads into: ``name`` or ``name-revision``."""
+        name = (self.repo_id or "model").split("/")[-1]
+        label = self.revision if self.revision and self.revision != "main" else ""
+        return f"{name}-{label.replace('/', '_')}" if label else name
+
     def download_command(self) -> str:
         """A shell command that fetches exactly this variant (empty for local variants).
 
@@ -69,12 +76,9 @@ class Location:
             args += [f"{self.subfolder}/{f}" if self.subfolder else f for f in self.files]
         elif self.subfolder:
             args += ["--include", f"{self.subfolder}/*"]
-        label = self.revision if self.revision and self.revision != "main" else ""
-        if label:
-            args += ["--revision", label]
-        name = (self.repo_id or "model").split("/")[-1]
-        args += ["--local-dir", f"{name}-{label.replace('/', '_')}" if label else name]
-        return shell_join(args)
+        if self.revision and self.revision != "main":
+            args += ["--revision", self.revision]
+        return shell_join(args + ["--local-dir", self.local_dir])
 
 
 @dataclass(frozen=True)

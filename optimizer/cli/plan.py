@@ -135,8 +135,17 @@ def fit(
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the answer to this CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     gpu: Optional[str] = pr.GpuOpt,
+    recipe_opt: str = typer.Option(
+        "auto", "--recipe",
+        help="How-to-run recipes: auto (exl2: TabbyAPI config + exllamav2 example script; GGUF: llama-server), "
+             "all, or a list of tabby, webui, script, python, llama.cpp.",
+    ),
 ) -> None:
     """For each variant and cache mode: the largest context (a multiple of 256) that fits, and how to run it."""
+    from optimizer.recipes import parse_recipe_option, spec_for
+    from optimizer.recipes.present import fit_section, record_fields, tools_of
+
+    chosen = parse_recipe_option(recipe_opt)
     budget = c.budget_from(vram=vram, overhead=overhead)
     split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget)
     caches = c.parse_caches(cache)
@@ -147,14 +156,18 @@ def fit(
     if caches:
         caches = check_caches(variants, caches)
     gpu_names = pr.resolve_gpus(gpu)
-    records, cands = [], []
+    records, cands, fits = [], [], []
+    all_tools = tuple(dict.fromkeys(t for v in variants for t in tools_of(v.format, chosen)))
     for v in variants:
         allowed = rules_for(v.format).CACHE_MODE_NAMES
         cms = tuple(cm for cm in caches if cm in allowed) if caches else allowed
         for cm in cms:
             res = max_context(variant=v, cache=cm, split=split, budget=budget, runtime=runtime)
             p = pr.predict_row(v, cm, res.max_seq_len or res.default_ctx, res.verdict, gpu_names)
-            records.append({**fit_record(res, batch_size=batch, chunk_len=chunk), **pr.summary_columns(p)})
+            spec = spec_for(v, max_seq_len=res.max_seq_len, cache=cm, split=split, runtime=runtime) if res.max_seq_len else None
+            fits.append(res)
+            records.append({**fit_record(res, batch_size=batch, chunk_len=chunk), **pr.summary_columns(p),
+                            **{f"recipe_{t}": "" for t in all_tools}, **record_fields(spec, tools_of(v.format, chosen))})
             records[-1]["_cells"] = pr.cells(p, res.max_seq_len is not None)
             if res.max_seq_len:
                 cands.append(pr.Candidate(v, cm, res.max_seq_len, p))
@@ -178,11 +191,10 @@ def fit(
          for r, cl in zip(records, cells, strict=True)],
         ["variant", "cache", "default ctx", "max ctx that fits", "total GiB", "headroom GiB", *pr.columns(gpu_names)],
     ))
-    best = [r for r in records if r["max_ctx"]]
-    if best:
-        con.print("How to run (ExLlamaV2 0.3.2):")
-        for r in best:
-            con.print(plain(f"  {r['label']} {r['cache']}: {r['run']}"), soft_wrap=True)
+    if any(r["max_ctx"] for r in records):
+        con.print("How to run:")
+        for line in fit_section(fits, runtime=runtime, chosen=chosen).splitlines():
+            con.print(plain(line), soft_wrap=True)
     else:
         con.print("Nothing fits this budget, even at 256 tokens of context.")
     con.print(plain(pr.decision_line(cands, gpu_names)), soft_wrap=True)
