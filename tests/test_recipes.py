@@ -50,13 +50,13 @@ def spec(fmt: str = "exl2", cache: str = "q4", split: Split = Split(), path: str
     return RunSpec(fmt=fmt, label="x", model_path=path, max_seq_len=kw.pop("ctx", 6144), cache=cache, split=split, **kw)
 
 
-def argv_via_bash(line: str, program: str) -> list[str]:
+def argv_via_bash(line: str, program: str, cwd: Path | None = None) -> list[str]:
     """The argv a shell line hands to ``program``: run it in bash with ``program`` replaced by a
     function that prints its arguments (nothing else runs)."""
     assert line.count(program + " ") >= 1
     prefix, _, rest = line.partition(program + " ")
     script = 'show() { printf "%s\\0" "$@"; }\n' + prefix + "show " + rest
-    out = subprocess.run(["bash", "-c", script], capture_output=True, check=True).stdout
+    out = subprocess.run(["bash", "-c", script], capture_output=True, check=True, cwd=cwd).stdout
     return out.decode().split("\0")[:-1]
 
 
@@ -225,15 +225,15 @@ def test_control_characters_never_reach_the_terminal_raw() -> None:
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_hub_variant_path_and_download_command_are_quoted(tmp_path: Path) -> None:
-    pwned = tmp_path / "x"
-    rev = f"4.0bpw;touch${{IFS}}{pwned};#"
+    rev = "4.0bpw;touch${IFS}x;#"  # a valid git branch name
     loc = Location(kind="hub", repo_id="org/Model-exl2", revision=rev)
-    assert model_path(loc, fmt="exl2") == f"Model-exl2-{rev}"
-    argv = argv_via_bash(loc.download_command(), "hf")
+    assert model_path(loc, fmt="exl2") == f"Model-exl2-{rev}" == loc.local_dir
+    argv = argv_via_bash(loc.download_command(), "hf", cwd=tmp_path)
     assert argv == ["download", "org/Model-exl2", "--revision", rev, "--local-dir", f"Model-exl2-{rev}"]
     line = recipe(spec(path=model_path(loc, fmt="exl2")), tool="script").text
-    assert argv_via_bash(line, "python")[argv_via_bash(line, "python").index("-m") + 1] == f"Model-exl2-{rev}"
-    assert not pwned.exists()
+    got = argv_via_bash(line, "python", cwd=tmp_path)
+    assert got[got.index("-m") + 1] == f"Model-exl2-{rev}"
+    assert not (tmp_path / "x").exists()
     gg = Location(kind="hub", repo_id="org/M-GGUF", revision="main", subfolder="q4", files=("M-Q4_0.gguf",))
     assert model_path(gg, fmt="gguf") == "M-GGUF/q4/M-Q4_0.gguf"
 
