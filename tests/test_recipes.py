@@ -275,13 +275,18 @@ def test_fit_on_the_example_prints_a_tabby_block_and_a_script_line(capsys: pytes
             break
         block.append(ln[4:])
     doc = yaml.safe_load("\n".join(block))
-    assert doc["model"]["model_name"] == EXAMPLE.name and doc["model"]["cache_mode"] == "Q4"
+    assert doc["model"]["model_name"] == EXAMPLE.name
+    cache = {"FP16": "fp16", "Q8": "q8", "Q6": "q6", "Q4": "q4"}[doc["model"]["cache_mode"]]
     ctx = doc["model"]["max_seq_len"]
-    rec = json.loads(_fit(["fit", "-m", str(EXAMPLE), "--vram", "15GB", "--cache", "q4", "--json"], capsys)[1])[0]
-    assert ctx == rec["max_ctx"]  # the block runs fit's answer
-    script = next(ln.strip() for ln in lines if "examples/chat.py -m" in ln and "-cq4" in ln)
+    recs = json.loads(_fit(["fit", "-m", str(EXAMPLE), "--vram", "15GB", "--json"], capsys)[1])
+    assert ctx == next(r["max_ctx"] for r in recs if r["cache"] == cache)  # the block runs fit's answer
+    flag = {"fp16": [], "q8": ["-cq8"], "q6": ["-cq6"], "q4": ["-cq4"]}[cache]
+    script = next(ln.strip() for ln in lines[start + len(block):] if "examples/chat.py -m" in ln)
     words = shlex.split(script)
-    assert words[0] == ENV_WORD and words[words.index("-m") + 1] == str(EXAMPLE) and words[words.index("-l") + 1] == str(ctx)
+    assert words[0] == ENV_WORD and words[words.index("-m") + 1] == str(EXAMPLE)
+    assert words[words.index("-l") + 1] == str(ctx) and words[words.index("-l") + 2:] == flag
+    others = [ln for ln in lines if f"examples/chat.py -m {EXAMPLE}" in ln]
+    assert len(others) == len(recs)  # one line for every answer
     assert "expandable_segments:True" in out and "fragmentation" in out
 
 

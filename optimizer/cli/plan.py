@@ -191,10 +191,12 @@ def fit(
          for r, cl in zip(records, cells, strict=True)],
         ["variant", "cache", "default ctx", "max ctx that fits", "total GiB", "headroom GiB", *pr.columns(gpu_names)],
     ))
+    con.print(plain(pr.decision_line(cands, gpu_names)), soft_wrap=True)
     if any(r["max_ctx"] for r in records):
+        picked = pr.choose(cands)
         con.print("How to run:")
-        for line in fit_section(fits, runtime=runtime, chosen=chosen).splitlines():
+        for line in fit_section(fits, runtime=runtime, chosen=chosen,
+                                pick=(picked[0].variant.key, picked[0].cache) if picked else None).splitlines():
             con.print(plain(line), soft_wrap=True)
     else:
         con.print("Nothing fits this budget, even at 256 tokens of context.")
-    con.print(plain(pr.decision_line(cands, gpu_names)), soft_wrap=True)

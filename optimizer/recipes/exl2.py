@@ -21,8 +21,8 @@ Option names were checked against these sources (read with git, 2026-11-29):
   ``-cq8``, ``-mode``) and ``exllamav2/model_init.py`` (``-m``, ``-l``, ``-gs``, ``-chunk``).
   ``test_inference.py`` only *evaluates* cache modes (``-eq4``...), so the runnable line is ``chat.py``.
 
-``DEFAULT`` (what ``fit`` prints without ``--recipe``): the TabbyAPI block, because TabbyAPI is the
-API server exllamav2's author maintains and the one exl2 model cards point to, plus the example-script
+``DEFAULT`` (what ``fit`` prints without ``--recipe``): the TabbyAPI block, because TabbyAPI called itself
+"the official API backend server for ExllamaV2" (its README until July 2026), plus the example-script
 line, because it needs nothing but exllamav2 itself and is what the "Insufficient VRAM" write-up uses.
 """
 

@@ -49,36 +49,39 @@ def _allocator_line(fits: Sequence[Any]) -> str:
             f"{fmt_gib(worst)} more per GPU for fragmentation (the largest transient allocation).")
 
 
-def fit_section(fits: Sequence[Any], *, runtime: Any, chosen: Sequence[str]) -> str:
-    """The "how to run" text of ``fit`` for its answers (``FitResult`` objects)."""
+def fit_section(fits: Sequence[Any], *, runtime: Any, chosen: Sequence[str], pick: tuple[str, str] | None = None) -> str:
+    """The "how to run" text of ``fit`` for its answers (``FitResult`` objects).
+
+    With ``chosen`` tools every answer gets each of them. Otherwise (``auto``) the answer ``pick``
+    (``(variant.key, cache)``, e.g. the prediction's pick), or else the one with the longest context,
+    gets its format's default recipes in full, and every other answer one shell line.
+    """
+    ok = [f for f in fits if f.max_seq_len]
+    if not ok:
+        return ""
+    specs = [(f, spec_for(f.variant, max_seq_len=f.max_seq_len, cache=f.cache, split=f.split, runtime=runtime)) for f in ok]
     out: list[str] = []
-    by_variant: dict[str, list[Any]] = {}
-    for f in fits:
-        if f.max_seq_len:
-            by_variant.setdefault(f.variant.key, []).append(f)
-    for rows in by_variant.values():
-        v = rows[0].variant
-        specs = [(f, spec_for(f.variant, max_seq_len=f.max_seq_len, cache=f.cache, split=f.split, runtime=runtime))
-                 for f in rows]
-        if chosen:
-            for f, spec in specs:
-                out.append(f"{v.label} {f.cache} at {f.max_seq_len} tokens:")
-                out += [_indent(render(recipe(spec, tool=t))) for t in chosen]
-            continue
-        best_f, best = max(specs, key=lambda p: p[0].max_seq_len)  # first wins a tie: the most precise cache
-        out.append(f"{v.label}: longest context, {best_f.cache} cache at {best_f.max_seq_len} tokens:")
-        out += [_indent(render(recipe(best, tool=t))) for t in default_tools(v.format)]
-        others = [(f, s) for f, s in specs if f is not best_f]
-        tool = shell_tool(v.format)
-        if others and tool:
-            out.append(f"{v.label}, the other cache modes, same tool:")
-            for f, s in others:
-                r = recipe(s, tool=tool)
-                out.append(f"  {f.cache}: " + (r.text or "; ".join(r.notes)))
-    if any(f.variant.format in TORCH_FORMATS for f in fits if f.max_seq_len):
-        out.append(_allocator_line([f for f in fits if f.variant.format in TORCH_FORMATS]))
-    if out:
-        out.append("Other tools: --recipe tabby, webui, script, python, llama.cpp or all.")
+    if chosen:
+        for f, spec in specs:
+            out.append(f"{f.variant.label} {f.cache} at {f.max_seq_len} tokens:")
+            out += [_indent(render(recipe(spec, tool=t))) for t in chosen]
+    else:
+        picked = [p for p in specs if pick is not None and (p[0].variant.key, p[0].cache) == pick]
+        # the first answer wins a tie: the most precise cache of the first variant
+        main_f, main = picked[0] if picked else max(specs, key=lambda p: p[0].max_seq_len)
+        why = "the pick" if picked else "the longest context"
+        out.append(f"{main_f.variant.label}, {main_f.cache} cache, {main_f.max_seq_len} tokens ({why}):")
+        out += [_indent(render(recipe(main, tool=t))) for t in default_tools(main_f.variant.format)]
+        others = [(f, s) for f, s in specs if f is not main_f and shell_tool(f.variant.format)]
+        if others:
+            out.append("The other answers, one line each:")
+        for f, s in others:
+            r = recipe(s, tool=shell_tool(f.variant.format))
+            out.append(f"  {f.variant.label} {f.cache}: " + (r.text or "; ".join(r.notes)))
+    torch_fits = [f for f in ok if f.variant.format in TORCH_FORMATS]
+    if torch_fits:
+        out.append(_allocator_line(torch_fits))
+    out.append("Other tools: --recipe tabby, webui, script, python, llama.cpp or all.")
     return "\n".join(out)
 
 
