@@ -45,7 +45,7 @@ def study_dir(*, study: str, root: Path = DEFAULT_ROOT) -> Path:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """Heartbeat of RUNNING trials in a database storage (seconds); see :mod:`optimizer.distributed`."""
+    """Heartbeat of RUNNING trials in a database storage (seconds); see :mod:`optimizer.study.liveness`."""
 
     interval: int
     grace: int

@@ -324,10 +324,9 @@ def test_spec_survives_the_study_record_round_trip(models: Path) -> None:
     import json as _json
 
     from optimizer.backends.base import EvalProtocol, SpeedProtocol
-    from optimizer.distributed import spec_from_record, spec_record
     from optimizer.sources.local import discover_local
     from optimizer.space import Budget
-    from optimizer.study import SearchSpec
+    from optimizer.study import SearchSpec, spec_from_record, spec_record
     from optimizer.vram import Split
 
     spec = SearchSpec(variants=tuple(discover_local(models)), budget=Budget(per_device=(8 * 10**9, 6 * 10**9)),
@@ -342,7 +341,7 @@ def test_spec_survives_the_study_record_round_trip(models: Path) -> None:
 
 
 def test_safe_url_hides_the_password() -> None:
-    from optimizer.distributed import safe_url
+    from optimizer.storage import safe_url
 
     shown = safe_url("postgresql+psycopg://user:p%40ss-w0rd@db.example:5432/exl2opt")
     assert "p%40ss-w0rd" not in shown and "p@ss-w0rd" not in shown
@@ -354,7 +353,7 @@ def test_scan_gives_up_a_configuration_after_max_retry_stale_failures() -> None:
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState, create_trial
 
-    from optimizer.distributed import scan
+    from optimizer.study import scan
 
     study = optuna.create_study(directions=["minimize", "maximize", "maximize"])
     dist = {"x": CategoricalDistribution(("a", "b"))}

@@ -295,7 +295,7 @@ def test_huge_eval_file_is_refused_without_reading_it_whole(tmp_path: Path, monk
 
 
 def test_worker_retries_a_configuration_that_hit_an_unexpected_error(vdir: Path, tmp_path: Path) -> None:
-    from optimizer.distributed import run_worker
+    from optimizer.study import run_worker
 
     spec = _spec(vdir)
     be = FakeBackend(engine=FakeFailingEngine(exc=RuntimeError("bug in backend"), times=1))

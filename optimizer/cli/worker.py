@@ -1,7 +1,7 @@
 """``exl2opt worker``: join a study from any process or machine and measure until nothing is left.
 
 Run one worker per GPU (``CUDA_VISIBLE_DEVICES=i exl2opt worker --study S --storage URL``); every
-configuration is measured by exactly one worker (see :mod:`optimizer.distributed`). The first
+configuration is measured by exactly one worker (see :mod:`optimizer.study.worker_loop`). The first
 worker (or ``exl2opt search``) needs the model options; later workers read them from the study.
 """
 
@@ -84,8 +84,9 @@ def worker(
     backend_factory: Optional[str] = typer.Option(None, "--backend-factory", hidden=True),
 ) -> None:
     """Join a study (create it with --model) and measure configurations until none is left."""
-    from optimizer.distributed import WorkerOptions, run_worker, worker_id
     from optimizer.evaldata import load_eval_text
+    from optimizer.study import WorkerOptions, run_worker
+    from optimizer.study.liveness import worker_id
 
     if heartbeat < 1 or (grace is not None and grace <= heartbeat) or max_retry < 0 or poll <= 0:
         raise BadOptionError("need --heartbeat >= 1, --grace > --heartbeat, --max-retry >= 0, --poll > 0")

@@ -1,0 +1,207 @@
+"""Locks that keep processes of one study from measuring a configuration twice.
+
+* :class:`ClaimLock` is held (for milliseconds, never during a measurement) while a worker reads
+  every trial and turns its pick into a RUNNING trial: PostgreSQL ``pg_advisory_lock`` on a key
+  derived from the study name, MySQL ``GET_LOCK``, journal / SQLite on one machine ``flock`` on
+  ``<study dir>/claims.lock``. A worker killed while holding it releases it (the server drops a dead
+  session's advisory locks; the kernel drops a dead process's ``flock``).
+* :class:`RunLock` decides who may run an embedded (journal or SQLite) study on this machine: one
+  ``exl2opt search``, or any number of cooperating ``exl2opt worker`` processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from optimizer.errors import StorageError, StudyError
+from optimizer.storage import DEFAULT_ROOT, engine_kwargs, first_line, study_dir
+
+# ----- claim lock --------------------------------------------------------------------------------
+
+
+class ClaimLock:
+    """A lock shared by every worker of one study (see module docstring). Re-entrant per process."""
+
+    def __init__(self, *, study_name: str, url: str | None, lock_dir: Path) -> None:
+        self._study_name = study_name
+        self._url = url
+        self._lock_dir = lock_dir
+        self._engine: Any = None
+        self._conn: Any = None
+        self._fd: int | None = None
+        self._depth = 0
+        digest = hashlib.sha256(f"exl2opt:{study_name}".encode()).digest()
+        self._key = int.from_bytes(digest[:8], "big", signed=True)
+
+    @property
+    def kind(self) -> str:
+        if self._url and self._url.startswith("postgresql"):
+            return "postgresql"
+        if self._url and self._url.startswith("mysql"):
+            return "mysql"
+        return "file"
+
+    def _connect(self) -> Any:
+        if self._conn is None:
+            import sqlalchemy
+            from sqlalchemy.pool import NullPool
+
+            assert self._url is not None
+            self._engine = sqlalchemy.create_engine(self._url, poolclass=NullPool,
+                                                    **{k: v for k, v in engine_kwargs(self._url).items()
+                                                       if k == "connect_args"})
+            self._conn = self._engine.connect()
+        return self._conn
+
+    def acquire(self) -> None:
+        if self._depth:
+            self._depth += 1
+            return
+        import sqlalchemy
+
+        try:
+            if self.kind == "postgresql":
+                conn = self._connect()
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
+                conn.commit()
+            elif self.kind == "mysql":
+                conn = self._connect()
+                conn.execute(sqlalchemy.text("SELECT GET_LOCK(:k, -1)"), {"k": f"exl2opt:{self._study_name}"[:64]})
+                conn.commit()
+            else:
+                self._lock_dir.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self._lock_dir / "claims.lock", os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except StorageError:
+            raise
+        except Exception as e:
+            self._drop()
+            raise StorageError(f"cannot take the study's claim lock ({type(e).__name__}: {first_line(e)})") from None
+        self._depth = 1
+
+    def release(self) -> None:
+        if self._depth > 1:
+            self._depth -= 1
+            return
+        self._depth = 0
+        import sqlalchemy
+
+        try:
+            if self.kind == "postgresql" and self._conn is not None:
+                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+                self._conn.commit()
+            elif self.kind == "mysql" and self._conn is not None:
+                self._conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": f"exl2opt:{self._study_name}"[:64]})
+                self._conn.commit()
+            elif self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = None
+        except Exception:  # a lost connection releases the server-side lock by itself
+            self._drop()
+
+    def _drop(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._conn is not None:
+                self._conn.close()
+        with contextlib.suppress(Exception):
+            if self._engine is not None:
+                self._engine.dispose()
+        self._conn = self._engine = None
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def close(self) -> None:
+        self._depth = 0
+        self._drop()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+#: Run locks held by this process: path -> [fd, holders]. Re-entrant per process on purpose: a lock
+#: left behind by a failed run (its frame kept alive by a traceback) must not block the next run of
+#: the same process; the lock only has to keep *other* processes out.
+_HELD_RUN_LOCKS: dict[str, list[int]] = {}
+
+
+class RunLock:
+    """Who may run an *embedded* study (journal or SQLite file) on this machine.
+
+    ``exl2opt search`` (single-process loop) takes it exclusively, every ``exl2opt worker`` shared:
+    workers cooperate with each other, but a second ``search`` (or a worker next to a search, or a
+    search next to workers) is refused with one clear line instead of measuring the same
+    configurations twice. The kernel drops the lock when its process dies. Database storages
+    (PostgreSQL, MySQL) are coordinated by :class:`ClaimLock` instead and need no run lock.
+    """
+
+    def __init__(self, *, lock_dir: Path, study_name: str) -> None:
+        self._path = lock_dir / "run.lock"
+        self._study = study_name
+        self._held = False
+
+    def acquire(self, *, exclusive: bool) -> RunLock:
+        key = str(self._path.resolve())
+        if key in _HELD_RUN_LOCKS:
+            _HELD_RUN_LOCKS[key][1] += 1
+            self._held = True
+            return self
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if exclusive:
+                raise StudyError(
+                    f"study {self._study!r} is already being run by another exl2opt process on this machine; wait "
+                    f"for it, or add a cooperating process with `exl2opt worker --study {self._study}`") from None
+            raise StudyError(
+                f"study {self._study!r} is being run by `exl2opt search` on this machine; wait for it to finish "
+                "(workers can join a study only when no single-process search is running it)") from None
+        _HELD_RUN_LOCKS[key] = [fd, 1]
+        self._held = True
+        return self
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        key = str(self._path.resolve())
+        entry = _HELD_RUN_LOCKS.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _HELD_RUN_LOCKS[key]
+            with contextlib.suppress(OSError):
+                fcntl.flock(entry[0], fcntl.LOCK_UN)
+                os.close(entry[0])
+
+    def __del__(self) -> None:  # safety net when a run ends by an exception before its finally
+        if not self._held:
+            return
+        try:
+            self.release()
+        except Exception:  # noqa: SIM105  (interpreter shutdown: contextlib may be gone; the kernel drops the lock)
+            return
+
+
+def run_lock_for(*, study_name: str, storage_url: str | None, root: Path = DEFAULT_ROOT) -> RunLock | None:
+    """A :class:`RunLock` for embedded storages (None for database servers)."""
+    if storage_url is not None and not storage_url.startswith("sqlite:"):
+        return None
+    return RunLock(lock_dir=study_dir(study=study_name, root=root), study_name=study_name)

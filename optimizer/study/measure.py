@@ -1,0 +1,169 @@
+"""Measuring one configuration through a backend, with memos that save GPU time.
+
+* perplexity is memoized by (variant, cache mode, eval protocol fitted to the context): not by
+  split, nor by context once the context holds the whole eval window;
+* speed by (variant, cache mode, split, effective context fill).
+
+Memos are rebuilt from earlier trials (:func:`load_memos`, any process's), so no quantity is
+measured twice. For measured trials the constraint ``vram_excess_gib`` is the worst device's
+measured peak allocation plus the predicted CUDA-context overhead, minus its budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from optimizer.backends.base import Backend, Engine, LoadSpec
+from optimizer.errors import EngineError, EngineOOMError
+from optimizer.evaldata import EvalText
+from optimizer.storage import first_line
+from optimizer.study.candidates import Candidate, base_attrs, measured_excess_gib
+from optimizer.study.spec import SearchSpec
+from optimizer.study.trials import CONSTRAINT, INTERRUPTED
+from optimizer.variant import Variant
+
+if TYPE_CHECKING:  # pragma: no cover
+    import optuna
+
+BackendFactory = Callable[[Variant], Backend]
+
+
+@dataclass
+class RunState:
+    """Mutable bookkeeping of one run (one process)."""
+
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)  # config key -> done record (see trials.Ledger)
+    ppl: dict[str, float] = field(default_factory=dict)
+    speed: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    tokens: dict[str, Sequence[int]] = field(default_factory=dict)
+    engines: dict[str, Engine] = field(default_factory=dict)
+    active: str | None = None
+    loads: int = 0
+    measured: int = 0
+    failed: int = 0
+    reused: int = 0
+
+
+def load_memos(study: optuna.Study, st: RunState) -> None:
+    """Add the perplexity and speed measured by earlier trials (of any process) to the memos.
+
+    A failed trial keeps ``perplexity``/``ppl_key`` when only a later phase (speed) failed, so it
+    is reused too.
+    """
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        ua = t.user_attrs
+        if ua.get("status") not in ("measured", "failed"):
+            continue
+        if ua.get("ppl_key") and ua.get("perplexity") is not None:
+            st.ppl.setdefault(ua["ppl_key"], float(ua["perplexity"]))
+        if t.state == TrialState.COMPLETE and ua.get("speed_key") and ua.get("gen_tok_s") is not None:
+            st.speed.setdefault(ua["speed_key"],
+                                (float(ua["prompt_tok_s"]), float(ua["gen_tok_s"]), int(ua["context_fill"])))
+
+
+def close_engines(st: RunState) -> None:
+    """Close every engine of a run; closing must not hide the run's real outcome."""
+    for eng in st.engines.values():
+        with contextlib.suppress(Exception):
+            eng.close()
+
+
+def _engine_for(variant: Variant, st: RunState, factory: BackendFactory) -> Engine:
+    fmt = variant.format
+    if fmt not in st.engines:
+        st.engines[fmt] = factory(variant).open()
+    if st.active is not None and st.active != fmt:
+        st.engines[st.active].unload()
+    st.active = fmt
+    return st.engines[fmt]
+
+
+def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpec, st: RunState,
+            factory: BackendFactory, text: Callable[[], EvalText],
+            say: Callable[[str], None] = lambda phase: None) -> None:
+    """Load (or reuse), measure what is not memoized, tell. Engine failures fail only this trial.
+
+    ``trial`` is stamped and marked (:func:`~optimizer.study.trials.mark_running`) by its caller.
+    ``say(phase)`` reports the phase (loading, perplexity, speed) to the progress display.
+
+    Raises:
+        Exception: an unexpected error (a bug), after failing the trial with ``retry: true``.
+        KeyboardInterrupt: after failing the trial as ``interrupted``.
+    """
+    from optuna.trial import TrialState
+
+    cfg = cand.config
+    ppl_key = ""
+    try:
+        say("loading")
+        engine = _engine_for(cfg.variant, st, factory)
+        info = engine.prepare(LoadSpec(
+            variant=cfg.variant, split=cfg.split, max_seq_len=cfg.max_seq_len, cache=cfg.cache,
+            chunk_len=spec.runtime.chunk_len, batch_size=spec.runtime.batch_size, flash_attn=spec.runtime.flash_attn,
+            n_gpu_layers=spec.runtime.n_gpu_layers,
+        ))
+        st.loads += int(info.model_loaded)
+        et = text()
+        proto = replace(spec.eval_protocol, dataset=et.dataset_id).fitted(cfg.max_seq_len)
+        ppl_key = f"{cfg.variant.key}|{cfg.cache}|{proto.key}"
+        if ppl_key not in st.ppl:
+            say("perplexity")
+            if cfg.variant.key not in st.tokens:
+                st.tokens[cfg.variant.key] = engine.tokenize(et.text)
+            value = float(engine.perplexity(tokens=st.tokens[cfg.variant.key], protocol=proto))
+            if not math.isfinite(value) or value <= 0:
+                raise EngineError(f"the engine returned an invalid perplexity ({value})")
+            st.ppl[ppl_key] = value
+        sp = spec.speed_protocol
+        fill = max(min(sp.context_fill, cfg.max_seq_len - sp.gen_tokens), 1)
+        speed_key = f"{cfg.variant.key}|{cfg.cache}|{cfg.split.label}|{replace(sp, context_fill=fill).key}"
+        if speed_key not in st.speed:
+            say("speed")
+            r = engine.speed(protocol=replace(sp, context_fill=fill))
+            if not all(math.isfinite(float(x)) and x >= 0 for x in (r.prompt_tok_s, r.gen_tok_s)):
+                raise EngineError(f"the engine returned an invalid speed (prompt {r.prompt_tok_s}, "
+                                  f"gen {r.gen_tok_s} tokens/s)")
+            st.speed[speed_key] = (float(r.prompt_tok_s), float(r.gen_tok_s), int(r.context_fill))
+        mem = engine.memory()
+    except EngineError as e:
+        reason = "oom" if isinstance(e, EngineOOMError) else (str(e) or type(e).__name__)
+        trial.set_user_attr("status", "failed")
+        trial.set_user_attr("reason", reason)
+        if ppl_key in st.ppl:  # perplexity was measured before e.g. speed failed: keep it for later runs
+            trial.set_user_attr("ppl_key", ppl_key)
+            trial.set_user_attr("perplexity", st.ppl[ppl_key])
+        study.tell(trial, state=TrialState.FAIL)
+        st.done[cand.key] = {"config_key": cand.key, "values": None, "status": "failed", "reason": reason}
+        st.failed += 1
+        return
+    except Exception as e:  # a bug (e.g. in a backend): fail this trial visibly, retry it next run, stop
+        trial.set_user_attr("status", "failed")
+        trial.set_user_attr("reason", f"error: {type(e).__name__}: {first_line(e)}")
+        trial.set_user_attr("retry", True)
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    except BaseException:
+        trial.set_user_attr("status", "failed")
+        trial.set_user_attr("reason", INTERRUPTED)
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    ppl = st.ppl[ppl_key]
+    prompt_s, gen_s, filled = st.speed[speed_key]
+    measured = [{"index": m.index, "peak_allocated": m.peak_allocated, "used": m.used} for m in mem]
+    excess = measured_excess_gib(cand.verdict, measured)
+    attrs = {"perplexity": ppl, "gen_tok_s": gen_s, "prompt_tok_s": prompt_s, "context_fill": filled,
+             "ppl_key": ppl_key, "speed_key": speed_key, "measured": measured,
+             "model_loaded": info.model_loaded, "status": "measured", "reason": ""}
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
+    values = [ppl, gen_s, float(cfg.max_seq_len)]
+    trial.set_constraint(CONSTRAINT, excess)
+    study.tell(trial, values)
+    st.done[cand.key] = dict(base_attrs(cand), **attrs, values=values, constraint=excess)
+    st.measured += 1
