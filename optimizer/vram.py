@@ -22,64 +22,16 @@ so ``fits`` is False long before scratch, RoPE and the CUDA context (see ``optim
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
+
+from optimizer.memplan import MemoryPlan, ModuleCost, ModuleKind, ModuleTable
+
+__all__ = ["MIB", "GIB", "AUTOSPLIT_MIN_RESERVE", "MemoryPlan", "ModuleCost", "ModuleKind", "ModuleTable", "Split",
+           "DeviceBreakdown", "VramVerdict", "place"]
 
 MIB = 2**20
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class ModuleCost:
-    """One GPU module in load order. All values in bytes.
-
-    Attributes:
-        name: module key, e.g. ``model.layers.3.self_attn`` or ``lm_head``.
-        weight_bytes: device memory of its weights.
-        scratch_bytes: its ``scratch_space_fixed()``; a device's scratch is the max over its modules
-            (manual split) or over all modules (autosplit).
-        transient_bytes: peak short-lived memory while it forwards one chunk (activations, logits).
-        kv_layer: it owns one layer of KV cache (attention or parallel decoder).
-        plan_bytes: ``scratch_space()`` + attention planning size; used only by the manual split to
-            place modules as ``set_device_map`` does.
-        load_transient_bytes: peak short-lived bytes of ``load_autosplit``'s test forward (one
-            ``max_input_len`` chunk, batch 1, past_len 0), which decides the autosplit placement;
-            None means the same as ``transient_bytes``. It is smaller than the inference peak when
-            attention transients grow with the context (no flash-attention) or with the batch.
-    """
-
-    name: str
-    weight_bytes: int
-    scratch_bytes: int = 0
-    transient_bytes: int = 0
-    kv_layer: bool = False
-    plan_bytes: int = 0
-    plan_attn_bytes: int = 0
-    load_transient_bytes: int | None = None
-
-    @property
-    def test_transient_bytes(self) -> int:
-        """Transient bytes of the autosplit test forward (bytes)."""
-        return self.transient_bytes if self.load_transient_bytes is None else self.load_transient_bytes
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """A model, a cache and settings, reduced to bytes. Produced by a format module.
-
-    Attributes:
-        modules: GPU modules in load order (the embedding, kept in system RAM, is excluded).
-        cache_layer_bytes: KV cache bytes of one attention layer (K, V and scales).
-        cache_staging_bytes: bytes every device holding cache layers adds once (FP16 staging
-            buffers of quantized caches; 0 for FP16).
-        rope_bytes: RoPE sin/cos tables allocated on every device that holds a module.
-        plan_constant_bytes: what ``set_device_map`` subtracts from every manual-split device.
-    """
-
-    modules: tuple[ModuleCost, ...]
-    cache_layer_bytes: int
-    cache_staging_bytes: int
-    rope_bytes: int
-    plan_constant_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,43 +133,6 @@ class VramVerdict:
         return max(d.total - d.budget for d in self.devices)
 
 
-class _Dev:
-    """Mutable accumulator for one device during placement."""
-
-    def __init__(self, index: int, budget: int, overhead: int) -> None:
-        self.index, self.budget, self.overhead = index, budget, overhead
-        self.weights = self.cache = self.staging = self.scratch = self.rope = self.transient = 0
-        self.n_modules = self.n_kv = 0
-
-    def steady(self) -> int:
-        return self.overhead + self.weights + self.cache + self.staging + self.scratch + self.rope
-
-    def add(self, m: ModuleCost, plan: MemoryPlan) -> None:
-        self.weights += m.weight_bytes
-        self.transient = max(self.transient, m.transient_bytes)
-        self.n_modules += 1
-        if m.kv_layer:
-            self.cache += plan.cache_layer_bytes
-            self.staging = plan.cache_staging_bytes
-            self.n_kv += 1
-
-    def freeze(self) -> DeviceBreakdown:
-        used = self.n_modules > 0
-        return DeviceBreakdown(
-            index=self.index,
-            budget=self.budget,
-            overhead=self.overhead if used else 0,
-            weights=self.weights,
-            cache=self.cache,
-            cache_staging=self.staging,
-            scratch=self.scratch if used else 0,
-            rope=self.rope if used else 0,
-            transient=self.transient,
-            n_modules=self.n_modules,
-            n_kv_layers=self.n_kv,
-        )
-
-
 def place(*, plan: MemoryPlan, split: Split, budgets: tuple[int, ...], overhead_bytes: tuple[int, ...]) -> VramVerdict:
     """Assign modules to devices as the engine would and return the per-device breakdown.
 
@@ -231,16 +146,19 @@ def place(*, plan: MemoryPlan, split: Split, budgets: tuple[int, ...], overhead_
     engine itself would refuse to load (autosplit "Insufficient VRAM for model and cache", or a
     manual split with too little room); ``fits`` additionally requires every device's peak
     (steady state plus the largest transient) to be within its budget.
+
+    Cost: O(kinds) for one GPU and O(devices x kinds x log modules) for a split: each device takes
+    the longest run of modules whose running requirement (monotone in the run's end) stays within
+    its room, found by bisection over the plan's prefix sums.
     """
     n = max(split.n_devices, 1)
     budgets = _expand(budgets, n, "budgets")
     overheads = _expand(overhead_bytes, n, "overhead_bytes")
-    devs = [_Dev(i, budgets[i], overheads[i]) for i in range(n)]
     if split.mode == "single":
-        return _place_single(plan, devs[:1])
+        return _place_single(plan, budgets[0], overheads[0])
     if split.mode == "manual":
-        return _place_manual(plan, split, devs)
-    return _place_auto(plan, split, devs)
+        return _place_manual(plan, split, budgets, overheads)
+    return _place_auto(plan, split, budgets, overheads)
 
 
 def _expand(values: tuple[int, ...], n: int, what: str) -> tuple[int, ...]:
@@ -251,8 +169,31 @@ def _expand(values: tuple[int, ...], n: int, what: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _finish(devs: list[_Dev], placed: bool, reason: str) -> VramVerdict:
-    frozen = tuple(d.freeze() for d in devs)
+def _device(plan: MemoryPlan, index: int, budget: int, overhead: int, start: int, end: int,
+            scratch: int | None) -> DeviceBreakdown:
+    """The breakdown of a device holding modules ``[start, end)``; ``scratch`` None = max over them."""
+    if end <= start:
+        return DeviceBreakdown(index=index, budget=budget)
+    t, costs = plan.table, plan.costs
+    kinds = t.kinds_in(start, end)
+    n_kv = t.prefix_kv[end] - t.prefix_kv[start]
+    return DeviceBreakdown(
+        index=index,
+        budget=budget,
+        overhead=overhead,
+        weights=t.prefix_w[end] - t.prefix_w[start],
+        cache=n_kv * plan.cache_layer_bytes,
+        cache_staging=plan.cache_staging_bytes if n_kv else 0,
+        scratch=max(costs[k].scratch_bytes for k in kinds) if scratch is None else scratch,
+        rope=plan.rope_bytes,
+        transient=max(costs[k].transient_bytes for k in kinds),
+        n_modules=end - start,
+        n_kv_layers=n_kv,
+    )
+
+
+def _finish(devices: list[DeviceBreakdown], placed: bool, reason: str) -> VramVerdict:
+    frozen = tuple(devices)
     if placed and not reason:
         over = [d for d in frozen if not d.fits]
         if over:
@@ -261,58 +202,94 @@ def _finish(devs: list[_Dev], placed: bool, reason: str) -> VramVerdict:
     return VramVerdict(devices=frozen, placed=placed, reason=reason)
 
 
-def _place_single(plan: MemoryPlan, devs: list[_Dev]) -> VramVerdict:
-    d = devs[0]
-    d.scratch = max((m.scratch_bytes for m in plan.modules), default=0)
-    d.rope = plan.rope_bytes
-    for m in plan.modules:
-        d.add(m, plan)
-    return _finish(devs, True, "")
+def _place_single(plan: MemoryPlan, budget: int, overhead: int) -> VramVerdict:
+    return _finish([_device(plan, 0, budget, overhead, 0, len(plan.table), None)], True, "")
 
 
-def _place_manual(plan: MemoryPlan, split: Split, devs: list[_Dev]) -> VramVerdict:
-    """Mirror ``ExLlamaV2.set_device_map``: greedy, by planning sizes, within ``gpu_split`` GiB."""
-    remaining = [int(g * GIB) - plan.plan_constant_bytes for g in split.gpu_split]
-    reserve = [0] * len(devs)
-    reserve_attn = [0] * len(devs)
-    cur = 0
-    for m in plan.modules:
-        while True:
-            if cur >= len(devs):
-                return _finish(devs, False, "the --gpu-split allocation is too small for the weights")
-            dev_scratch = max(m.plan_bytes, reserve[cur])
-            dev_attn = max(m.plan_attn_bytes, reserve_attn[cur])
-            if m.weight_bytes + dev_scratch + dev_attn <= remaining[cur]:
-                break
-            cur += 1
-        reserve[cur], reserve_attn[cur] = dev_scratch, dev_attn
-        remaining[cur] -= m.weight_bytes
-        d = devs[cur]
-        d.scratch = max(d.scratch, m.scratch_bytes)
-        d.rope = plan.rope_bytes
-        d.add(m, plan)
-    return _finish(devs, True, "")
+def _place_manual(plan: MemoryPlan, split: Split, budgets: tuple[int, ...],
+                  overheads: tuple[int, ...]) -> VramVerdict:
+    """Mirror ``ExLlamaV2.set_device_map``: greedy, by planning sizes, within ``gpu_split`` GiB.
+
+    A module goes on the current device when its weights plus the device's running maxima of
+    ``scratch_space()`` and ``temp_attn_size()`` (itself included) fit in what is left of the
+    device's allocation; otherwise loading moves on to the next device for good.
+    """
+    n_mod = len(plan.table)
+    devices, start = [], 0
+    for i, g in enumerate(split.gpu_split):
+        room = int(g * GIB) - plan.plan_constant_bytes
+        end = _manual_end(plan, start, room) if start < n_mod else start
+        devices.append(_device(plan, i, budgets[i], overheads[i], start, end, None))
+        start = end
+    if start < n_mod:
+        return _finish(devices, False, "the --gpu-split allocation is too small for the weights")
+    return _finish(devices, True, "")
 
 
-def _place_auto(plan: MemoryPlan, split: Split, devs: list[_Dev]) -> VramVerdict:
-    """Mirror ``ExLlamaV2.load_autosplit``: fill device 0, move on when a module's test forward OOMs."""
-    scratch = max((m.scratch_bytes for m in plan.modules), default=0)
-    cur = 0
-    touched = -1
-    for m in plan.modules:
-        while True:
-            if cur >= len(devs):
-                return _finish(devs, False, "Insufficient VRAM for model and cache (autosplit ran out of GPUs)")
-            d = devs[cur]
-            if cur > touched:
-                d.scratch, d.rope = scratch, plan.rope_bytes
-                touched = cur
-            held = split.reserve_bytes[cur] + AUTOSPLIT_MIN_RESERVE
-            need = d.steady() + m.weight_bytes + held + m.test_transient_bytes
-            if m.kv_layer:
-                need += plan.cache_layer_bytes + (plan.cache_staging_bytes if d.n_kv == 0 else 0)
-            if need <= d.budget:
-                break
-            cur += 1
-        d.add(m, plan)
-    return _finish(devs, True, "")
+def _manual_end(plan: MemoryPlan, start: int, room: int) -> int:
+    """First module from ``start`` that does not fit in ``room`` bytes (``len`` if all fit)."""
+    t, costs, n_mod = plan.table, plan.costs, len(plan.table)
+    firsts = sorted((t.next_of_kind(k, start), k) for k in t.present)
+    firsts = [(p, k) for p, k in firsts if p < n_mod]
+    scratch = attn = 0
+    base = t.prefix_w[start]
+    for i, (pos, k) in enumerate(firsts):
+        # From ``pos`` to the next kind's first module the reserved maxima are constant, and the
+        # requirement grows with the weights only: bisect the weight prefix sums.
+        scratch = max(scratch, costs[k].plan_bytes)
+        attn = max(attn, costs[k].plan_attn_bytes)
+        seg_end = firsts[i + 1][0] if i + 1 < len(firsts) else n_mod
+        x = bisect_right(t.prefix_w, room - scratch - attn + base, pos + 1, seg_end + 1)
+        if x <= seg_end:
+            return x - 1
+    return n_mod
+
+
+def _place_auto(plan: MemoryPlan, split: Split, budgets: tuple[int, ...],
+                overheads: tuple[int, ...]) -> VramVerdict:
+    """Mirror ``ExLlamaV2.load_autosplit``: fill device 0, move on when a module's test forward OOMs.
+
+    A module (with its cache layer, and the device's staging buffers with its first one) stays on
+    the current device when, with the global scratch, RoPE tables, the per-device reserve and the
+    256 MiB minimum reserve held, its test-forward transient still fits.
+    """
+    t, costs, n_mod = plan.table, plan.costs, len(plan.table)
+    scratch = max((costs[k].scratch_bytes for k in t.present), default=0)
+    # Bytes that stay on a device up to and including module j: weights and cache layers.
+    cl = plan.cache_layer_bytes
+    held = [w + cl * kv for w, kv in zip(t.prefix_w, t.prefix_kv, strict=True)]
+    kv_kinds = [k for k in t.present if t.kind_kv[k]]
+    devices, start = [], 0
+    for i in range(len(budgets)):
+        end = start
+        if start < n_mod:
+            fixed = overheads[i] + scratch + plan.rope_bytes + split.reserve_bytes[i] + AUTOSPLIT_MIN_RESERVE
+            end = _auto_end(plan, held, kv_kinds, start, budgets[i] - fixed)
+        devices.append(_device(plan, i, budgets[i], overheads[i], start, end, scratch))
+        start = end
+    if start < n_mod:
+        return _finish(devices, False, "Insufficient VRAM for model and cache (autosplit ran out of GPUs)")
+    return _finish(devices, True, "")
+
+
+def _auto_end(plan: MemoryPlan, held: list[int], kv_kinds: list[int], start: int, room: int) -> int:
+    """First module from ``start`` whose test forward does not fit in ``room`` bytes (``len`` if none)."""
+    t, costs, n_mod = plan.table, plan.costs, len(plan.table)
+    first_kv = min((t.next_of_kind(k, start) for k in kv_kinds), default=n_mod)
+    end = n_mod
+    # Two stretches: before the device's first cache layer, and from it on (staging buffers held).
+    for lo, hi, staging in ((start, first_kv, 0), (first_kv, n_mod, plan.cache_staging_bytes)):
+        limit = room + held[start] - staging
+        for k in t.present:
+            pos = t.positions[k]
+            a, b = bisect_left(pos, lo), bisect_left(pos, min(hi, end))
+            if a >= b:
+                continue
+            # held[j + 1] grows with j: the first module of this kind whose requirement exceeds the room.
+            tt = costs[k].test_transient_bytes
+            x = bisect_right(pos, limit - tt, a, b, key=lambda j: held[j + 1])
+            if x < b:
+                end = min(end, pos[x])
+        if end < n_mod:
+            return end
+    return end

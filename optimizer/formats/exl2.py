@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from optimizer.arch import ModelArch
 from optimizer.errors import BadOptionError, ModelConfigError
 from optimizer.variant import TensorInfo
-from optimizer.vram import MIB, MemoryPlan, ModuleCost
+from optimizer.vram import MIB, MemoryPlan, ModuleKind, ModuleTable
 
 FORMAT = "exl2"
 
@@ -129,6 +129,16 @@ class Exl2Settings:
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _ATTN_NORMS = ("input_layernorm.", "ln1.")
 _ATTN_POST_NORMS_GEMMA = ("post_attention_layernorm.",)
+_AS_STORED, _NORM_WEIGHT, _NORM_BIAS = 0, 1, 2
+
+
+def _size_rule(name: str) -> int:
+    """How ExLlamaV2 counts a tensor: as stored, as a norm weight (``2 * hidden``) or not at all."""
+    if name.endswith("norm.weight"):
+        return _NORM_WEIGHT
+    if name.endswith("norm.bias"):
+        return _NORM_BIAS  # LayerNorm.weight_footprint() counts the weight only
+    return _AS_STORED
 
 
 def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo]) -> dict[str, int]:
@@ -145,6 +155,11 @@ def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo]) -> dict[str, i
     out: dict[str, int] = {"embed": 0}
     norm = head = 0
     gemma_post = arch.spec.residual_fp32  # Gemma 2/3: post_attention_layernorm belongs to attention
+    parallel = arch.spec.parallel_decoder
+    # Per layer-tensor suffix ("self_attn.q_proj.q_weight"): (counts toward attention, size rule).
+    # Every layer repeats the same few dozen suffixes, so each is classified once.
+    classes: dict[str, tuple[bool, int]] = {}
+    match = _LAYER_RE.match
     for t in tensors:
         name = t.name
         if prefix:
@@ -153,32 +168,36 @@ def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo]) -> dict[str, i
                     head += t.nbytes
                 continue
             name = name[len(prefix):]
+        m = match(name)
+        if m is not None:
+            num, rest = m.groups()
+            i = int(num)
+            if i >= n_layers:
+                raise ModelConfigError(
+                    f"weights hold layer {i} but config.json says num_hidden_layers = {n_layers}"
+                )
+            cls = classes.get(rest)
+            if cls is None:
+                to_attn = parallel or rest.startswith(("self_attn.", *_ATTN_NORMS)) or (
+                    gemma_post and rest.startswith(_ATTN_POST_NORMS_GEMMA))
+                cls = classes[rest] = (to_attn, _size_rule(rest))
+            rule = cls[1]
+            nbytes = t.nbytes if rule == _AS_STORED else (norm_bytes if rule == _NORM_WEIGHT else 0)
+            if cls[0]:
+                attn[i] += nbytes
+            else:
+                mlp[i] += nbytes
+            continue
         nbytes = t.nbytes
-        if name.endswith("norm.weight"):
-            nbytes = norm_bytes
-        elif name.endswith("norm.bias"):
-            nbytes = 0  # LayerNorm.weight_footprint() counts the weight only
+        rule = _size_rule(name)
+        if rule != _AS_STORED:
+            nbytes = norm_bytes if rule == _NORM_WEIGHT else 0
         if name.startswith("model.embed_tokens."):
             out["embed"] += t.nbytes
         elif name.startswith("lm_head."):
             head += nbytes
         elif name.startswith("model.norm."):
             norm += nbytes
-        else:
-            m = _LAYER_RE.match(name)
-            if not m:
-                continue
-            i, rest = int(m.group(1)), m.group(2)
-            if i >= n_layers:
-                raise ModelConfigError(
-                    f"weights hold layer {i} but config.json says num_hidden_layers = {n_layers}"
-                )
-            if arch.spec.parallel_decoder or rest.startswith("self_attn.") or rest.startswith(_ATTN_NORMS) or (
-                gemma_post and rest.startswith(_ATTN_POST_NORMS_GEMMA)
-            ):
-                attn[i] += nbytes
-            else:
-                mlp[i] += nbytes
     for i in range(n_layers):
         out[f"model.layers.{i}.self_attn"] = attn[i]
         if not arch.spec.parallel_decoder:
@@ -288,13 +307,41 @@ def _transients(arch: ModelArch, s: Exl2Settings) -> tuple[int, int, int]:
     return attn, mlp, head
 
 
-def memory_plan(*, arch: ModelArch, tensors: Iterable[TensorInfo], settings: Exl2Settings) -> MemoryPlan:
-    """Describe ``arch`` with ``tensors`` loaded under ``settings`` as bytes per module.
+#: Module kinds of an exl2 :class:`~optimizer.vram.ModuleTable`: attention (owns a cache layer),
+#: MLP, the rest (norms), the output head.
+KIND_ATTN, KIND_MLP, KIND_OTHER, KIND_HEAD = 0, 1, 2, 3
+_KIND_KV = (True, False, False, False)
+
+
+def module_table(arch: ModelArch, tensors: Iterable[TensorInfo]) -> ModuleTable:
+    """The GPU modules of ``arch`` loaded from ``tensors``, in load order (embedding excluded).
+
+    Independent of context, cache and runtime settings, so callers build it once per variant.
 
     Raises:
         ModelConfigError: the tensors do not belong to this architecture.
     """
-    groups = group_modules(arch, tensors)
+    names: list[str] = []
+    weights: list[int] = []
+    kinds: list[int] = []
+    for key, nbytes in group_modules(arch, tensors).items():
+        if key == "embed":
+            continue
+        names.append(key)
+        weights.append(nbytes)
+        if key.endswith(".self_attn"):
+            kinds.append(KIND_ATTN)
+        elif key.endswith(".mlp"):
+            kinds.append(KIND_MLP)
+        elif key == "lm_head":
+            kinds.append(KIND_HEAD)
+        else:
+            kinds.append(KIND_OTHER)
+    return ModuleTable(names=tuple(names), weights=tuple(weights), kinds=tuple(kinds), kind_kv=_KIND_KV)
+
+
+def table_plan(*, arch: ModelArch, table: ModuleTable, settings: Exl2Settings) -> MemoryPlan:
+    """The costs of ``table``'s modules under ``settings``: a :class:`MemoryPlan` (O(1) in the model size)."""
     s = settings
     a_scr, m_scr, h_scr = attn_scratch(arch, s), mlp_scratch(arch, s), head_scratch(arch, s)
     a_tr, m_tr, h_tr = _transients(arch, s)
@@ -309,25 +356,29 @@ def memory_plan(*, arch: ModelArch, tensors: Iterable[TensorInfo], settings: Exl
     state_size = arch.hidden_size * s.max_input_len * s.batch_size * 2
     mask_size = s.max_input_len**2 * s.batch_size * 2
     constant = 2 * (arch.head_dim * s.max_seq_len * 2)
-    modules: list[ModuleCost] = []
-    for key, nbytes in groups.items():
-        if key == "embed":
-            continue
-        if key.endswith(".self_attn"):
-            modules.append(ModuleCost(key, nbytes, a_scr, a_tr, kv_layer=True, plan_bytes=a_scr, load_transient_bytes=a_lt))
-        elif key.endswith(".mlp"):
-            modules.append(ModuleCost(key, nbytes, m_scr, m_tr, plan_bytes=m_scr, load_transient_bytes=m_lt))
-        elif key == "lm_head":
-            modules.append(ModuleCost(key, nbytes, h_scr, h_tr, plan_bytes=h_scr, load_transient_bytes=h_lt))
-        else:
-            modules.append(ModuleCost(key, nbytes, 0, 0))
+    costs = (
+        ModuleKind(a_scr, a_tr, plan_bytes=a_scr, load_transient_bytes=a_lt),
+        ModuleKind(m_scr, m_tr, plan_bytes=m_scr, load_transient_bytes=m_lt),
+        ModuleKind(),
+        ModuleKind(h_scr, h_tr, plan_bytes=h_scr, load_transient_bytes=h_lt),
+    )
     return MemoryPlan(
-        modules=tuple(modules),
+        table=table,
+        costs=costs,
         cache_layer_bytes=cache_layer_bytes(arch, s),
         cache_staging_bytes=cache_staging_bytes(arch, s),
         rope_bytes=rope_bytes(arch, s),
         plan_constant_bytes=constant + state_size + mask_size,
     )
+
+
+def memory_plan(*, arch: ModelArch, tensors: Iterable[TensorInfo], settings: Exl2Settings) -> MemoryPlan:
+    """Describe ``arch`` with ``tensors`` loaded under ``settings`` as bytes per module.
+
+    Raises:
+        ModelConfigError: the tensors do not belong to this architecture.
+    """
+    return table_plan(arch=arch, table=module_table(arch, tensors), settings=settings)
 
 
 def embedding_bytes(arch: ModelArch, tensors: Iterable[TensorInfo]) -> int:
