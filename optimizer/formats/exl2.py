@@ -141,11 +141,13 @@ def _size_rule(name: str) -> int:
     return _AS_STORED
 
 
-def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo]) -> dict[str, int]:
+def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo], *,
+                  dropped: list[TensorInfo] | None = None) -> dict[str, int]:
     """Bytes per ExLlamaV2 module key, in load order; the embedding is keyed ``embed`` (CPU).
 
     Tensors outside the language model (vision tower, projector) are dropped: a text-only load
-    never reads them.
+    never reads them. Every dropped tensor is appended to ``dropped`` when given (see
+    ``optimizer.formats.accounting``, which refuses weights these rules do not account for).
     """
     prefix = arch.spec.lm_prefix
     n_layers = arch.num_hidden_layers
@@ -166,6 +168,8 @@ def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo]) -> dict[str, i
             if not name.startswith(prefix):
                 if name.startswith("lm_head."):
                     head += t.nbytes
+                elif dropped is not None:
+                    dropped.append(t)
                 continue
             name = name[len(prefix):]
         m = match(name)
@@ -198,6 +202,8 @@ def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo]) -> dict[str, i
             head += nbytes
         elif name.startswith("model.norm."):
             norm += nbytes
+        elif dropped is not None:
+            dropped.append(t)
     for i in range(n_layers):
         out[f"model.layers.{i}.self_attn"] = attn[i]
         if not arch.spec.parallel_decoder:

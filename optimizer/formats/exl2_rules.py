@@ -6,7 +6,9 @@ from functools import lru_cache
 
 from optimizer.arch import ModelArch, parse_arch
 from optimizer.formats import RuntimeOptions
+from optimizer.formats.accounting import check_exl2
 from optimizer.formats.exl2 import CACHE_MODES, DEFAULT_OVERHEAD_BYTES, Exl2Settings, module_table, table_plan
+from optimizer.textsafe import safe
 from optimizer.variant import Variant
 from optimizer.vram import MemoryPlan, ModuleTable
 
@@ -37,8 +39,11 @@ def context_step() -> int:
 
 @lru_cache(maxsize=256)
 def _table(variant: Variant) -> ModuleTable:
-    """The variant's modules with their weights, grouped once per variant (thousands of tensors)."""
-    return module_table(arch_of(variant), variant.tensors)
+    """The variant's modules with their weights, grouped once per variant (thousands of tensors).
+    Weights the rules would leave out are refused first (``optimizer.formats.accounting``)."""
+    arch = arch_of(variant)
+    check_exl2(arch, variant.tensors, where=safe(variant.source))
+    return module_table(arch, variant.tensors)
 
 
 @lru_cache(maxsize=8192)

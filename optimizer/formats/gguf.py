@@ -337,10 +337,20 @@ class GgufModel:
 _BLK_RE = re.compile(r"^blk\.(\d+)\.")
 
 
-def model_from_config(config: Mapping[str, Any], tensors: Any) -> GgufModel:
-    """:class:`GgufModel` from a GGUF variant's config (``gguf_config``) and tensors (name, nbytes)."""
-    hp = hparams(config)
+def model_from_config(config: Mapping[str, Any], tensors: Any, *, where: str = "GGUF header") -> GgufModel:
+    """:class:`GgufModel` from a GGUF variant's config (``gguf_config``) and tensors (name, nbytes).
+
+    Raises:
+        WeightsHeaderError / UnsupportedArchitectureError: metadata fails
+            :func:`~optimizer.formats.gguf_meta.hparams`, or tensors lie beyond ``block_count`` or
+            leave a layer empty (:func:`~optimizer.formats.accounting.check_gguf`).
+    """
+    from optimizer.formats.accounting import check_gguf
+
+    hp = hparams(config, name=where)
     n_layer = hp.n_layer
+    tensors = list(tensors)
+    check_gguf(n_layer=n_layer, tensors=tensors, where=where)
     layer = [0] * n_layer
     output = embd = total = 0
     names = set()

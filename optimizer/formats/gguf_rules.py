@@ -45,7 +45,9 @@ __all__ = ["FORMAT", "CACHE_MODE_NAMES", "DEFAULT_OVERHEAD_BYTES", "model_of", "
 
 @lru_cache(maxsize=256)
 def _model_cached(variant: Variant) -> GgufModel:
-    return model_from_config(variant.config, variant.tensors)
+    from optimizer.textsafe import safe
+
+    return model_from_config(variant.config, variant.tensors, where=safe(variant.source))
 
 
 def model_of(variant: Variant) -> GgufModel:
