@@ -98,6 +98,7 @@ def _fake_module(xl: Any, calls: _Calls, vocab: int) -> types.SimpleNamespace:
         self.vocab_size = vocab
         self.max_seq_len, self.max_input_len, self.max_output_len = 4096, 2048, None
         self.no_flash_attn = fake_env_no_flash_attn[0]  # EXLLAMA_NO_FLASH_ATTN
+        self.no_xformers = self.no_sdpa = False  # EXLLAMA_NO_XFORMERS / EXLLAMA_NO_SDPA unset
         self.arch = types.SimpleNamespace(lm=types.SimpleNamespace(requires_bos=fake_requires_bos[0]))
         calls.append(("config", (model_dir,), {}))
 
@@ -116,7 +117,11 @@ def _fake_module(xl: Any, calls: _Calls, vocab: int) -> types.SimpleNamespace:
             assert cache.current_seq_len <= self.config.max_seq_len, "position past the RoPE tables"
         if k.get("preprocess_only"):
             return None
-        return torch.zeros(1, ids.shape[1], vocab)
+        # each row is constant over the vocabulary (uniform after softmax) and depends on the tokens up
+        # to it (causal), or on the whole chunk when a test makes this "model" non-causal
+        ids_f = ids.float()
+        rows = ids_f.sum(-1, keepdim=True).expand_as(ids_f) if fake_noncausal[0] else ids_f.cumsum(-1)
+        return rows[..., None].expand(1, ids.shape[1], vocab).clone()
 
     def model_init(self: Any, config: Any) -> None:
         calls.append(("model", (), {"max_seq_len": config.max_seq_len, "max_input_len": config.max_input_len}))
@@ -152,6 +157,7 @@ def _fake_module(xl: Any, calls: _Calls, vocab: int) -> types.SimpleNamespace:
                                lambda self, text, **k: torch.tensor([[ord(c) % vocab for c in text]])),
         }),
     )
+    ns.attn = types.SimpleNamespace(has_flash_attn=False, has_xformers=False)
     for name in ("ExLlamaV2Cache", "ExLlamaV2Cache_8bit", "ExLlamaV2Cache_Q8", "ExLlamaV2Cache_Q6", "ExLlamaV2Cache_Q4"):
         setattr(ns, name, cache_cls(getattr(xl, name)))
     return ns
@@ -160,6 +166,7 @@ def _fake_module(xl: Any, calls: _Calls, vocab: int) -> types.SimpleNamespace:
 fake_env_no_flash_attn = [False]
 fake_requires_bos = [False]
 fake_cache_oom = [False]
+fake_noncausal = [False]
 
 
 class _FakeCuda:
@@ -187,13 +194,16 @@ class _FakeCuda:
     def mem_get_info(self, d: int) -> tuple[int, int]:
         return (10, 5000)
 
+    def memory_reserved(self, d: int) -> int:
+        return 4000 + d
+
 
 @pytest.fixture()
 def engine(xl: Any) -> Any:
     from optimizer.backends.exllamav2 import ExLlamaV2Engine
 
     calls = _Calls()
-    fake_env_no_flash_attn[0] = fake_requires_bos[0] = fake_cache_oom[0] = False
+    fake_env_no_flash_attn[0] = fake_requires_bos[0] = fake_cache_oom[0] = fake_noncausal[0] = False
     eng = ExLlamaV2Engine.__new__(ExLlamaV2Engine)
     eng.torch = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("_") and k != "cuda"},
                                       cuda=_FakeCuda(calls))
@@ -201,6 +211,7 @@ def engine(xl: Any) -> Any:
     eng.model = eng.cache = eng.tokenizer = eng.spec = None
     eng.tokenizer_key = eng.model_dir = ""
     eng.loaded_seq_len = 0
+    eng.causality = None
     eng.calls = calls
     return eng
 
@@ -410,3 +421,38 @@ def test_oom_at_cache_creation_leaves_a_usable_engine_with_the_right_tokenizer(e
     assert info.model_loaded
     # the tokenizer belongs to the variant now loaded, not to the one whose cache failed
     assert Path(engine.tokenizer.model_dir) == tmp_path / "tiny"
+
+
+def test_without_flash_attn_the_matmul_path_is_forced_and_checked_before_perplexity(engine: Any, tmp_path: Path) -> None:
+    from optimizer.backends.base import EvalProtocol
+    from optimizer.errors import EngineError
+    from optimizer.vram import Split
+
+    engine.prepare(_spec(tmp_path, ctx=512, cache="fp16", split=Split()))
+    assert engine.model.config.no_sdpa is True  # neither flash-attn nor xformers: SDPA is never used
+    toks = list(range(1, 60)) * 20
+    proto = EvalProtocol(window=256, n_windows=1, prefill=128, score_chunk=64)
+    assert engine.perplexity(tokens=toks, protocol=proto) == pytest.approx(64.0, rel=1e-4)
+    assert engine.causality is not None and engine.causality.passed
+    fake_noncausal[0] = True
+    engine.causality = None  # as after a fresh load
+    with pytest.raises(EngineError, match="does not attend causally"):
+        engine.perplexity(tokens=toks, protocol=proto)
+    assert engine.model is None  # a refused measurement frees the model like any failure
+
+
+def test_with_flash_attn_sdpa_setting_is_left_alone(engine: Any, tmp_path: Path) -> None:
+    from optimizer.vram import Split
+
+    engine.xl.attn.has_flash_attn = True
+    engine.prepare(_spec(tmp_path, ctx=512, cache="fp16", split=Split(), flash_attn=True))
+    assert engine.model.config.no_sdpa is False
+
+
+def test_memory_records_the_overhead_beyond_torch_reserved(engine: Any, tmp_path: Path) -> None:
+    from optimizer.vram import Split
+
+    engine.prepare(_spec(tmp_path, ctx=512, cache="fp16", split=Split()))
+    (m,) = engine.memory()
+    assert (m.used, m.reserved, m.overhead) == (4990, 4000, 990)
+    assert m.record()["overhead"] == 990

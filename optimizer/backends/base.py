@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from optimizer.variant import Variant
 from optimizer.vram import Split
@@ -132,12 +132,26 @@ class DeviceMemory:
 
     ``peak_allocated``: the framework's peak allocation since the last :meth:`Engine.prepare`
     (``torch.cuda.max_memory_allocated``). ``used``: device-wide used memory (total - free from
-    ``cudaMemGetInfo``), which includes the CUDA context and other processes.
+    ``cudaMemGetInfo``), which includes the CUDA context and other processes. ``reserved``: what
+    the framework's caching allocator holds from the device (``torch.cuda.memory_reserved``; None
+    when the engine has no such figure).
     """
 
     index: int
     peak_allocated: int
     used: int
+    reserved: int | None = None
+
+    @property
+    def overhead(self) -> int | None:
+        """Device memory used beyond the framework's reserved pool (bytes): CUDA context, cuBLAS
+        workspace, other processes; None when the engine has no reserved figure."""
+        return None if self.reserved is None else max(self.used - self.reserved, 0)
+
+    def record(self) -> dict[str, Any]:
+        """The figures a trial stores (bytes)."""
+        return {"index": self.index, "peak_allocated": self.peak_allocated, "used": self.used,
+                "reserved": self.reserved, "overhead": self.overhead}
 
 
 class Engine(Protocol):

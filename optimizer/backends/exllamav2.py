@@ -6,7 +6,10 @@ Loading (per :class:`~optimizer.backends.base.LoadSpec`):
       assumes), ``max_attention_size`` (= that**2), ``max_batch_size``; ``no_flash_attn`` is only
       ever turned on (never overriding ``EXLLAMA_NO_FLASH_ATTN``), then
       ``config.arch_compat_overrides(quiet=True)`` (as exllamav2's ``model_init`` does) so archs
-      that need eager attention or flash-attn softcap/SWA support get it;
+      that need eager attention or flash-attn softcap/SWA support get it; then, when neither
+      flash-attn nor xformers will run, ``config.no_sdpa = True``: 0.3.2's SDPA branch passes no
+      causal mask for prompts (``attn.py`` ``_attn_torch``), the matmul branch does (its fp16
+      attention weights are bounded by ``max_attention_size``, which the VRAM model counts);
     * single GPU: ``model.load()``; manual split: ``model.load(gpu_split=[GiB...])``, then the cache;
     * autosplit: ``cache = Cls(model, max_seq_len=S, lazy=True)`` then
       ``model.load_autosplit(cache, reserve_vram=[bytes...])`` (it consumes its own generator);
@@ -24,7 +27,10 @@ Loading (per :class:`~optimizer.backends.base.LoadSpec`):
     changes. The usable context is the *requested* ``max_seq_len``, not ``cache.max_seq_len``:
     Q caches round the latter up to ``q_block`` after allocating their tensors.
 
-Perplexity: see :class:`~optimizer.backends.base.EvalProtocol` — per window, the first ``prefill``
+Perplexity: before the first perplexity of a loaded model,
+:func:`~optimizer.backends.causality.check_causal` verifies that logits do not depend on later
+tokens; if they do, the trial fails with that reason instead of a too-low perplexity. Then see
+:class:`~optimizer.backends.base.EvalProtocol` — per window, the first ``prefill``
 tokens go in with ``preprocess_only=True``, the rest in ``score_chunk`` chunks through the cache;
 log-softmax in FP32 (the head's padding columns are -65504, i.e. 0 after softmax). The window
 is clamped to the requested context. Archs with ``requires_bos`` (Gemma family) refuse
@@ -35,8 +41,9 @@ Speed: random token ids (seeded) fill the cache to ``context_fill`` with one
 single-token forwards (``gen_tok_s``, argmax on CPU per token, as ``test_inference.py -s``); each
 timing is bracketed by ``torch.cuda.synchronize()`` after ``warmup`` untimed passes.
 
-Memory: ``torch.cuda.max_memory_allocated(d)`` and ``total - free`` of
-``torch.cuda.mem_get_info(d)`` per used device. Peaks are reset right before the cache is created
+Memory: ``torch.cuda.max_memory_allocated(d)``, ``torch.cuda.memory_reserved(d)`` and ``total - free`` of
+``torch.cuda.mem_get_info(d)`` per used device (``used - reserved`` is the overhead beyond torch's
+allocator the trial saw: CUDA context, cuBLAS, other processes). Peaks are reset right before the cache is created
 for single/manual loads (after the model load, so a fresh load and a reused model measure the same
 thing: resident model + cache + inference transients), and before the load for autosplit (whose
 cache is built during the load). Timings synchronize every used device.
@@ -63,6 +70,7 @@ from optimizer.backends.base import (
     SpeedProtocol,
     SpeedResult,
 )
+from optimizer.backends.causality import CausalityResult, check_causal
 from optimizer.errors import BackendUnavailableError, EngineError, EngineOOMError
 from optimizer.sources.download import local_path
 
@@ -110,6 +118,8 @@ class ExLlamaV2Engine:
         self.spec: LoadSpec | None = None
         self.loaded_seq_len = 0
         self.model_dir = ""
+        #: the causality check of the loaded model (None until its first perplexity)
+        self.causality: CausalityResult | None = None
 
     # ----- loading ---------------------------------------------------------------------------
 
@@ -192,6 +202,8 @@ class ExLlamaV2Engine:
         config.max_batch_size = spec.batch_size
         config.no_flash_attn = bool(config.no_flash_attn) or not spec.flash_attn
         config.arch_compat_overrides(quiet=True)
+        config.no_sdpa = bool(config.no_sdpa) or not self._fast_attention(config)
+        self.causality = None
         model = self.xl.ExLlamaV2(config)
         self.model = model
         split = spec.split
@@ -210,6 +222,27 @@ class ExLlamaV2Engine:
             self.tokenizer = self.xl.ExLlamaV2Tokenizer(config)
             self.tokenizer_key = spec.variant.key
         self.loaded_seq_len = spec.max_seq_len
+
+    def _fast_attention(self, config: Any) -> bool:
+        """Whether exllamav2 will attend with flash-attn or xformers (both mask causally) for ``config``."""
+        attn = self.xl.attn
+        return bool((attn.has_flash_attn and not config.no_flash_attn) or (attn.has_xformers and not config.no_xformers))
+
+    def check_causality(self) -> CausalityResult:
+        """Run :func:`~optimizer.backends.causality.check_causal` on the loaded model and cache."""
+        torch, model, cache = self.torch, self.model, self.cache
+
+        def logits_of(ids: Sequence[int], past: int) -> Any:
+            t = torch.tensor([list(ids)], dtype=torch.long)
+            cache.current_seq_len = 0
+            if past:
+                model.forward(t[:, :past], cache, preprocess_only=True)
+            return model.forward(t[:, past:], cache)[0].float().cpu()
+
+        with torch.inference_mode():
+            res = check_causal(logits_of=logits_of, vocab_size=int(model.config.vocab_size), context=self._context())
+        cache.current_seq_len = 0
+        return res
 
     def _drop_cache(self) -> None:
         if self.cache is not None:
@@ -276,6 +309,11 @@ class ExLlamaV2Engine:
         if getattr(lm, "requires_bos", False) and not protocol.add_bos:
             raise EngineError("this architecture is incoherent without BOS (exllamav2 requires_bos); "
                               "measure it with BOS")
+        if self.causality is None:
+            self.causality = self.check_causality()
+        if not self.causality.passed:
+            raise EngineError(f"refusing to measure perplexity: exllamav2 does not attend causally here ({self.causality.line()}); "
+                              "install flash-attn or report this setup")
         window = min(protocol.window, self._context())
         prefill = min(protocol.prefill, window // 2) if protocol.window > window else protocol.prefill
         if prefill >= window - 1:
@@ -342,7 +380,8 @@ class ExLlamaV2Engine:
         out = []
         for d in self._devices(self.spec.split.n_devices if self.spec else 1):
             free, total = torch.cuda.mem_get_info(d)
-            out.append(DeviceMemory(index=d, peak_allocated=int(torch.cuda.max_memory_allocated(d)), used=int(total - free)))
+            out.append(DeviceMemory(index=d, peak_allocated=int(torch.cuda.max_memory_allocated(d)), used=int(total - free),
+                                    reserved=int(torch.cuda.memory_reserved(d))))
         return tuple(out)
 
 

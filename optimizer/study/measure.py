@@ -155,7 +155,7 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
         raise
     ppl = st.ppl[ppl_key]
     prompt_s, gen_s, filled = st.speed[speed_key]
-    measured = [{"index": m.index, "peak_allocated": m.peak_allocated, "used": m.used} for m in mem]
+    measured = [m.record() for m in mem]  # peak, used, reserved and the overhead beyond it (bytes)
     excess = measured_excess_gib(cand.verdict, measured)
     attrs = {"perplexity": ppl, "gen_tok_s": gen_s, "prompt_tok_s": prompt_s, "context_fill": filled,
              "ppl_key": ppl_key, "speed_key": speed_key, "measured": measured,
