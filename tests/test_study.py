@@ -271,7 +271,7 @@ def test_cli_search_writes_reports_and_resumes(variants_dir: Path, tmp_path: Pat
     main([*cmd, "--n-trials", "3"])
     out = capsys.readouterr().out
     assert "measured 3" in out and "stopped: n_trials" in out
-    for name in ("pareto.csv", "trials.csv", "pareto.png", "pareto.html", "variants.json", "journal.log"):
+    for name in ("pareto.csv", "trials.csv", "pareto.png", "report.html", "variants.json", "journal.log"):
         assert (studies / "k" / name).is_file(), name
     main(cmd)
     out = capsys.readouterr().out

@@ -111,19 +111,36 @@ class SpeedProtocol:
     context_fill: int = 2048
     gen_tokens: int = 128
     warmup: int = 1
+    repeats: int = 3  #: timed measurements (prefill + generation each); the result is their median
 
     @property
     def key(self) -> str:
-        return f"fill={self.context_fill}|gen={self.gen_tokens}|warm={self.warmup}"
+        return f"fill={self.context_fill}|gen={self.gen_tokens}|warm={self.warmup}|rep={self.repeats}"
 
 
 @dataclass(frozen=True)
 class SpeedResult:
-    """Measured throughput in tokens/second, at ``context_fill`` tokens actually in the cache."""
+    """Measured throughput in tokens/second, at ``context_fill`` tokens actually in the cache.
+
+    With several timed runs, ``prompt_tok_s``/``gen_tok_s`` are their medians and the ``*_runs``
+    tuples hold every run (tokens/second, in run order); empty when an engine timed once."""
 
     prompt_tok_s: float
     gen_tok_s: float
     context_fill: int
+    prompt_tok_s_runs: tuple[float, ...] = ()
+    gen_tok_s_runs: tuple[float, ...] = ()
+
+    @classmethod
+    def of_runs(cls, *, prompt_s: Sequence[float], gen_s: Sequence[float], context_fill: int, gen_tokens: int) -> SpeedResult:
+        """The result of timed runs: ``prompt_s``/``gen_s`` are seconds per run for ``context_fill``
+        prompt tokens and ``gen_tokens`` generated ones; speeds are medians over the runs."""
+        import statistics
+
+        p = tuple(context_fill / max(t, 1e-9) for t in prompt_s)
+        g = tuple(gen_tokens / max(t, 1e-9) for t in gen_s)
+        return cls(prompt_tok_s=statistics.median(p), gen_tok_s=statistics.median(g), context_fill=context_fill,
+                   prompt_tok_s_runs=p, gen_tok_s_runs=g)
 
 
 @dataclass(frozen=True)

@@ -359,21 +359,22 @@ class ExLlamaV2Engine:
                 cache.current_seq_len = 0
                 model.forward(ids[:, :min(fill, 256)], cache, preprocess_only=True)
                 model.forward(ids[:, -1:], cache)
-            cache.current_seq_len = 0
-            self._sync()
-            t0 = time.perf_counter()
-            model.forward(ids, cache, preprocess_only=True)
-            self._sync()
-            prompt_s = time.perf_counter() - t0
-            tok = ids[:, -1:]
-            t0 = time.perf_counter()
-            for _ in range(protocol.gen_tokens):
-                logits = model.forward(tok, cache)
-                tok = logits[:, -1, :].argmax(dim=-1, keepdim=True).cpu()
-            self._sync()
-            gen_s = time.perf_counter() - t0
-        return SpeedResult(prompt_tok_s=fill / max(prompt_s, 1e-9), gen_tok_s=protocol.gen_tokens / max(gen_s, 1e-9),
-                           context_fill=fill)
+            prompt_s, gen_s = [], []
+            for _ in range(max(1, protocol.repeats)):
+                cache.current_seq_len = 0
+                self._sync()
+                t0 = time.perf_counter()
+                model.forward(ids, cache, preprocess_only=True)
+                self._sync()
+                prompt_s.append(time.perf_counter() - t0)
+                tok = ids[:, -1:]
+                t0 = time.perf_counter()
+                for _ in range(protocol.gen_tokens):
+                    logits = model.forward(tok, cache)
+                    tok = logits[:, -1, :].argmax(dim=-1, keepdim=True).cpu()
+                self._sync()
+                gen_s.append(time.perf_counter() - t0)
+        return SpeedResult.of_runs(prompt_s=prompt_s, gen_s=gen_s, context_fill=fill, gen_tokens=protocol.gen_tokens)
 
     def memory(self) -> tuple[DeviceMemory, ...]:
         torch = self.torch

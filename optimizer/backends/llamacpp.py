@@ -373,7 +373,8 @@ class LlamaCppEngine:
 
     def speed(self, *, protocol: SpeedProtocol) -> SpeedResult:
         """Prompt speed = prefill of ``context_fill`` random tokens; generation = ``gen_tokens`` single-token
-        decodes after it (each followed by ``llama_synchronize``); wall clock, ``n_threads`` threads."""
+        decodes after it (each followed by ``llama_synchronize``); wall clock, ``n_threads`` threads;
+        ``repeats`` timed runs on a cleared cache, medians reported."""
         import random
 
         lc = self._llama
@@ -386,16 +387,18 @@ class LlamaCppEngine:
         for _ in range(protocol.warmup):
             self._clear()
             self._decode(prompt[:min(fill, 256)], 0, False)
-        self._clear()
-        t0 = time.perf_counter()
-        self._decode(prompt, 0, False)
-        t_prompt = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for i in range(protocol.gen_tokens):
-            self._decode([rng.randrange(n_vocab)], fill + i, True)
-        t_gen = time.perf_counter() - t0
-        return SpeedResult(prompt_tok_s=fill / t_prompt, gen_tok_s=protocol.gen_tokens / t_gen if t_gen else 0.0,
-                           context_fill=fill)
+        gen = [rng.randrange(n_vocab) for _ in range(protocol.gen_tokens)]
+        prompt_s, gen_s = [], []
+        for _ in range(max(1, protocol.repeats)):
+            self._clear()
+            t0 = time.perf_counter()
+            self._decode(prompt, 0, False)
+            prompt_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for i, tok in enumerate(gen):
+                self._decode([tok], fill + i, True)
+            gen_s.append(time.perf_counter() - t0)
+        return SpeedResult.of_runs(prompt_s=prompt_s, gen_s=gen_s, context_fill=fill, gen_tokens=protocol.gen_tokens)
 
     def buffers(self) -> LlamaBuffers:
         """The buffers llama.cpp logged for the current model and context (MiB, by buffer name)."""

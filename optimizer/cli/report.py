@@ -17,8 +17,13 @@ def report(
     root: Path = typer.Option(Path("studies"), "--studies-dir", "--root", help="Directory holding study folders."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the reports (default: studies/<study>/)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Write only the CSV files."),
+    open_page: bool = typer.Option(False, "--open", help="Open report.html in the default web browser."),
 ) -> None:
-    """Write pareto.csv, trials.csv, pareto.png and pareto.html, and print a recommendation.
+    """Write pareto.csv, trials.csv, pareto.png and report.html, and print a recommendation.
+
+    report.html is one self-contained page (works offline): the front with hover details and download
+    commands, the recommendation, the measurement protocol and its noise, every configuration with its
+    status and reason, and VRAM bars (predicted by term beside measured).
 
     pareto.csv: one row per Pareto-optimal configuration (perplexity down, generation tokens/s up,
     context up) with predicted and measured VRAM per GPU (GiB, ';'-separated) and the download
@@ -46,3 +51,21 @@ def report(
     if files.comparison:
         con.print(plain(files.comparison), soft_wrap=True)
     con.print(plain("Reports: " + ", ".join(str(f) for f in files.written)))
+    if open_page:
+        from optimizer.errors import BadOptionError
+
+        if files.html is None:
+            raise BadOptionError("--open needs the page: drop --no-plots")
+        con.print(plain(open_in_browser(files.html)), soft_wrap=True)
+
+
+def open_in_browser(page: Path) -> str:
+    """Open ``page`` in the default browser; the line to print (what happened, or what to do instead)."""
+    import webbrowser
+
+    uri = page.resolve().as_uri()
+    try:
+        opened = webbrowser.open(uri)
+    except webbrowser.Error:
+        opened = False
+    return f"Opened {uri}" if opened else f"No web browser could be started here; open {uri} in one."
