@@ -22,6 +22,9 @@ Every rule below is read from the exllamav2 0.3.2 sources and checked by the ora
   and, without flash-attention, SDPA's ``repeat_kv`` copies of K and V over the whole context.
 * Overhead: the CUDA context and allocator slack, a constant per GPU (``DEFAULT_OVERHEAD_BYTES``,
   overridable) that ExLlamaV2 itself does not model.
+* Fragmentation (``optimizer.allocator``): none beyond the overhead with
+  ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (what exl2opt measures with and its recipes
+  set); without it, up to one device's largest transient may be stranded, not charged.
 
 Example (Llama-3-8B shapes, FP16 cache, 8192 tokens, one GPU): cache = 32 layers x 2 x 8192 x 8 x
 128 x 2 B = 1 GiB; scratch = the ``lm_head`` dequant buffer 2 x min(4096 x 128256, 512 Mi) B = 1 GiB.
