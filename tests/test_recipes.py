@@ -306,3 +306,36 @@ def test_fit_recipe_option_json_and_csv(capsys: pytest.CaptureFixture[str], tmp_
     assert all(r["recipe_script"].startswith(ENV_WORD) and "model:" in r["recipe_tabby"] for r in rows if r["cache"] != "fp8")
     code, _, err = _fit(["fit", "-m", str(EXAMPLE), "--vram", "15GB", "--recipe", "ollama"], capsys)
     assert code == 2 and err.count("\n") == 1 and "--recipe" in err
+
+
+# ----- allocator setting --------------------------------------------------------------------------------
+
+def test_allocator_set_unless_the_user_set_it() -> None:
+    from optimizer.allocator import ENV_NEW, apply_for_measurement, fragmentation_allowance
+
+    env: dict[str, str] = {}
+    s = apply_for_measurement(env)
+    assert env == {ENV: EXPANDABLE} and s.source == "exl2opt" and s.expandable
+    assert s.as_record() == {"alloc_conf": EXPANDABLE, "alloc_conf_source": "exl2opt", "alloc_conf_late": False}
+    for name in (ENV, ENV_NEW):
+        env = {name: "backend:cudaMallocAsync"}
+        s = apply_for_measurement(env)
+        assert env == {name: "backend:cudaMallocAsync"} and s.source == "user" and not s.expandable
+    assert fragmentation_allowance(transient_bytes=300 * MIB, expandable=True) == 0
+    assert fragmentation_allowance(transient_bytes=300 * MIB, expandable=False) == 300 * MIB
+
+
+def test_fit_on_a_gguf_prints_a_llama_server_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("gguf")
+    from gguf_util import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    code, out, _ = _fit(["fit", "-m", str(path), "--vram", "1GB"], capsys)
+    assert code == 0
+    line = next(ln.strip() for ln in out.splitlines() if ln.strip().startswith("llama-server "))
+    words = shlex.split(line)
+    recs = json.loads(_fit(["fit", "-m", str(path), "--vram", "1GB", "--json"], capsys)[1])
+    by = {(r["max_ctx"], r["cache"]) for r in recs}
+    k, v = words[words.index("-ctk") + 1], words[words.index("-ctv") + 1]
+    assert (int(words[words.index("-c") + 1]), k if k == v else f"{k}/{v}") in by
+    assert words[words.index("-m") + 1] == str(path) and ENV not in out.split("How to run:")[1]
