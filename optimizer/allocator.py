@@ -42,6 +42,8 @@ ENV = "PYTORCH_CUDA_ALLOC_CONF"
 ENV_NEW = "PYTORCH_ALLOC_CONF"
 #: The setting exl2opt uses.
 EXPANDABLE = "expandable_segments:True"
+#: Backends whose engines allocate through PyTorch's CUDA caching allocator.
+TORCH_BACKENDS = frozenset({"exllamav2", "exllamav3"})
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,12 @@ def apply_for_measurement(environ: MutableMapping[str, str] | None = None) -> Al
             return AllocatorSetting(value=env[name], source="user")
     env[ENV] = EXPANDABLE
     return AllocatorSetting(value=EXPANDABLE, source="exl2opt", late=_cuda_initialised())
+
+
+def for_backend(name: str, environ: MutableMapping[str, str] | None = None) -> AllocatorSetting | None:
+    """:func:`apply_for_measurement` for a PyTorch backend (by ``Backend.name``), before it opens an
+    engine; None for the others (llama.cpp keeps its own CUDA pool)."""
+    return apply_for_measurement(environ) if name in TORCH_BACKENDS else None
 
 
 def fragmentation_allowance(*, transient_bytes: int, expandable: bool = True) -> int:

@@ -308,23 +308,6 @@ def test_fit_recipe_option_json_and_csv(capsys: pytest.CaptureFixture[str], tmp_
     assert code == 2 and err.count("\n") == 1 and "--recipe" in err
 
 
-# ----- allocator setting --------------------------------------------------------------------------------
-
-def test_allocator_set_unless_the_user_set_it() -> None:
-    from optimizer.allocator import ENV_NEW, apply_for_measurement, fragmentation_allowance
-
-    env: dict[str, str] = {}
-    s = apply_for_measurement(env)
-    assert env == {ENV: EXPANDABLE} and s.source == "exl2opt" and s.expandable
-    assert s.as_record() == {"alloc_conf": EXPANDABLE, "alloc_conf_source": "exl2opt", "alloc_conf_late": False}
-    for name in (ENV, ENV_NEW):
-        env = {name: "backend:cudaMallocAsync"}
-        s = apply_for_measurement(env)
-        assert env == {name: "backend:cudaMallocAsync"} and s.source == "user" and not s.expandable
-    assert fragmentation_allowance(transient_bytes=300 * MIB, expandable=True) == 0
-    assert fragmentation_allowance(transient_bytes=300 * MIB, expandable=False) == 300 * MIB
-
-
 def test_fit_on_a_gguf_prints_a_llama_server_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("gguf")
     from gguf_util import write_tiny_gguf

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from optimizer.allocator import AllocatorSetting, for_backend
 from optimizer.backends.base import Backend, Engine, LoadSpec
 from optimizer.errors import EngineError, EngineOOMError
 from optimizer.evaldata import EvalText
@@ -41,6 +42,7 @@ class RunState:
     speed: dict[str, tuple[float, float, int]] = field(default_factory=dict)
     tokens: dict[str, Sequence[int]] = field(default_factory=dict)
     engines: dict[str, Engine] = field(default_factory=dict)
+    allocators: dict[str, AllocatorSetting] = field(default_factory=dict)  # format -> PyTorch allocator setting
     active: str | None = None
     loads: int = 0
     measured: int = 0
@@ -77,7 +79,11 @@ def close_engines(st: RunState) -> None:
 def _engine_for(variant: Variant, st: RunState, factory: BackendFactory) -> Engine:
     fmt = variant.format
     if fmt not in st.engines:
-        st.engines[fmt] = factory(variant).open()
+        backend = factory(variant)
+        setting = for_backend(backend.name)  # before the engine imports torch
+        if setting is not None:
+            st.allocators[fmt] = setting
+        st.engines[fmt] = backend.open()
     if st.active is not None and st.active != fmt:
         st.engines[st.active].unload()
     st.active = fmt
@@ -103,6 +109,9 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
     try:
         say("loading")
         engine = _engine_for(cfg.variant, st, factory)
+        if cfg.variant.format in st.allocators:  # what the allocator ran with, also on a failed trial
+            for k, v in st.allocators[cfg.variant.format].as_record().items():
+                trial.set_user_attr(k, v)
         info = engine.prepare(LoadSpec(
             variant=cfg.variant, split=cfg.split, max_seq_len=cfg.max_seq_len, cache=cfg.cache,
             chunk_len=spec.runtime.chunk_len, batch_size=spec.runtime.batch_size, flash_attn=spec.runtime.flash_attn,
