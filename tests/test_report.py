@@ -235,3 +235,25 @@ def test_report_open_opens_the_page_or_says_how(study_root: tuple[Path, SearchSp
     with pytest.raises(SystemExit) as ei:
         main(["report", "r", "--studies-dir", str(root), "--open", "--no-plots"])
     assert ei.value.code == 2 and "--no-plots" in capsys.readouterr().err
+
+
+def test_front_points_within_the_speed_noise_are_marked() -> None:
+    """A point ahead of a better-perplexity one only by overlapping speed runs is marked; a clear one is not."""
+    from optimizer.report.rows import pareto_rows
+
+    def row(key: str, ppl: float, runs: list[float], ctx: int = 4096) -> dict:
+        med = sorted(runs)[len(runs) // 2]
+        return {"config_key": f"{key}|c", "state": "COMPLETE", "status": "measured", "vram_excess_gib": -0.1, "label": key,
+                "cache_mode": "f16", "max_seq_len": ctx, "format": "gguf", "split": "1gpu", "perplexity": ppl, "gen_tok_s": med,
+                "gen_tok_s_min": min(runs), "gen_tok_s_max": max(runs), "gen_tok_s_runs": runs, "speed_runs": len(runs)}
+
+    rows = [row("B", 9.5, [44.0, 47.0, 49.0]), row("A", 10.0, [48.0, 50.0, 53.0]), row("C", 11.0, [68.0, 70.0, 72.0]),
+            row("D", 12.0, [60.0, 61.0, 62.0])]  # D is dominated by C
+    front = {r["label"]: r for r in pareto_rows(rows, {})}
+    assert set(front) == {"A", "B", "C"}
+    assert front["A"]["within_noise_of"] == "B f16 4096"
+    assert front["B"]["within_noise_of"] == "" and front["C"]["within_noise_of"] == ""
+    assert (front["A"]["gen_tok_s_min"], front["A"]["gen_tok_s_max"], front["A"]["speed_runs"]) == (48.0, 53.0, 3)
+    # one run each: nothing can be called noise
+    single = [dict(r, gen_tok_s_min=None, gen_tok_s_max=None, gen_tok_s_runs=[], speed_runs=1) for r in rows]
+    assert all(r["within_noise_of"] == "" for r in pareto_rows(single, {}))

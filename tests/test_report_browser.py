@@ -169,6 +169,11 @@ def test_smollm2_study_page_in_chromium(tmp_path: Path) -> None:
     dom = check_report_page(study, tmp_path / "profile")
     assert sorted(r["status"] for r in dom["configs"]).count("infeasible") == 2
     assert len(dom["configs"]) == 8 and dom["front"]
+    # speed: three timed runs per measured configuration, the median reported, the spread stated on the page
+    for r in _rows(study / "trials.csv"):
+        if r["status"] == "measured":
+            assert r["speed_runs"] == "3" and float(r["gen_tok_s_min"]) <= float(r["gen_tok_s"]) <= float(r["gen_tok_s_max"])
+    assert "runs 3 time(s)" in dom["protocol"] and "Noise: over 6 measured configurations" in dom["protocol"]
     target = os.environ.get("EXL2OPT_DOCS_SCREENSHOT")
     if target:
         shutil.copyfile(study / "report-screenshot.png", target)

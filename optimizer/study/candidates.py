@@ -83,9 +83,11 @@ def config_key_of(params: dict[str, Any], split: Split) -> str:
 
 
 def predicted_json(verdict: VramVerdict) -> list[dict[str, int]]:
-    """Per-device predicted breakdown in bytes (JSON)."""
+    """Per-device predicted breakdown in bytes (JSON); ``cache`` includes ``cache_staging`` (the quantized
+    cache's FP16 staging buffer), which is also given apart."""
     return [{"index": d.index, "budget": d.budget, "total": d.total, "weights": d.weights, "cache": d.cache + d.cache_staging,
-             "overhead": d.overhead, "scratch": d.scratch + d.rope, "transient": d.transient} for d in verdict.devices]
+             "cache_staging": d.cache_staging, "overhead": d.overhead, "scratch": d.scratch + d.rope, "transient": d.transient}
+            for d in verdict.devices]
 
 
 def base_attrs(cand: Candidate) -> dict[str, Any]:

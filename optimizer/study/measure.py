@@ -39,7 +39,7 @@ class RunState:
 
     done: dict[str, dict[str, Any]] = field(default_factory=dict)  # config key -> done record (see trials.Ledger)
     ppl: dict[str, float] = field(default_factory=dict)
-    speed: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    speed: dict[str, tuple[float, float, int, tuple[float, ...]]] = field(default_factory=dict)  # prompt, gen, fill, gen runs
     tokens: dict[str, Sequence[int]] = field(default_factory=dict)
     engines: dict[str, Engine] = field(default_factory=dict)
     allocators: dict[str, AllocatorSetting] = field(default_factory=dict)  # format -> PyTorch allocator setting
@@ -65,8 +65,8 @@ def load_memos(study: optuna.Study, st: RunState) -> None:
         if ua.get("ppl_key") and ua.get("perplexity") is not None:
             st.ppl.setdefault(ua["ppl_key"], float(ua["perplexity"]))
         if t.state == TrialState.COMPLETE and ua.get("speed_key") and ua.get("gen_tok_s") is not None:
-            st.speed.setdefault(ua["speed_key"],
-                                (float(ua["prompt_tok_s"]), float(ua["gen_tok_s"]), int(ua["context_fill"])))
+            st.speed.setdefault(ua["speed_key"], (float(ua["prompt_tok_s"]), float(ua["gen_tok_s"]), int(ua["context_fill"]),
+                                                  tuple(float(x) for x in ua.get("gen_tok_s_runs") or ())))
 
 
 def close_engines(st: RunState) -> None:
@@ -138,7 +138,8 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
             if not all(math.isfinite(float(x)) and x >= 0 for x in (r.prompt_tok_s, r.gen_tok_s)):
                 raise EngineError(f"the engine returned an invalid speed (prompt {r.prompt_tok_s}, "
                                   f"gen {r.gen_tok_s} tokens/s)")
-            st.speed[speed_key] = (float(r.prompt_tok_s), float(r.gen_tok_s), int(r.context_fill))
+            st.speed[speed_key] = (float(r.prompt_tok_s), float(r.gen_tok_s), int(r.context_fill),
+                                   tuple(float(x) for x in r.gen_tok_s_runs))
         mem = engine.memory()
     except EngineError as e:
         reason = "oom" if isinstance(e, EngineOOMError) else (str(e) or type(e).__name__)
@@ -163,10 +164,10 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
         study.tell(trial, state=TrialState.FAIL)
         raise
     ppl = st.ppl[ppl_key]
-    prompt_s, gen_s, filled = st.speed[speed_key]
+    prompt_s, gen_s, filled, gen_runs = st.speed[speed_key]
     measured = [m.record() for m in mem]  # peak, used, reserved and the overhead beyond it (bytes)
     excess = measured_excess_gib(cand.verdict, measured)
-    attrs = {"perplexity": ppl, "gen_tok_s": gen_s, "prompt_tok_s": prompt_s, "context_fill": filled,
+    attrs = {"perplexity": ppl, "gen_tok_s": gen_s, "gen_tok_s_runs": list(gen_runs), "prompt_tok_s": prompt_s, "context_fill": filled,
              "ppl_key": ppl_key, "speed_key": speed_key, "measured": measured,
              "model_loaded": info.model_loaded, "status": "measured", "reason": ""}
     for k, v in attrs.items():

@@ -4,7 +4,8 @@ configurations are done".
 Trial user attributes (all JSON): ``config_key, variant, format, label, bits, head_bits, split,
 cache, max_seq_len, status`` (running | measured | reused | infeasible | outside_space | failed),
 ``reason``, ``predicted`` (per-device breakdown, bytes), ``measured`` (per-device peak/used, bytes),
-``perplexity, gen_tok_s, prompt_tok_s, context_fill, ppl_key, speed_key, model_loaded, host, pid``.
+``perplexity, gen_tok_s, prompt_tok_s, context_fill, ppl_key, speed_key, model_loaded, host, pid``,
+``gen_tok_s_runs`` (every timed generation run, tokens/s; ``gen_tok_s`` is their median).
 
 The done rule (:func:`outcome_of`, used by every loop through :func:`scan`): a configuration is
 *done* when it has a COMPLETE ``measured`` or ``infeasible`` trial, or a FAIL ``failed`` trial that
