@@ -113,15 +113,30 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str)
 
 
-def rich_table(records: Iterable[dict[str, Any]], columns: Sequence[str], title: str = "") -> Any:
-    """A rich Table of selected columns (rich imported here, not at start-up)."""
-    from rich.table import Table
+def text_table(records: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Plain aligned text of selected columns (no rich: a 350-row table renders in milliseconds).
 
-    from optimizer.textsafe import plain
+    Cells are printed as plain text with control characters escaped and passwords masked; columns
+    whose every cell is a number are right-aligned.
+    """
+    from optimizer.textsafe import safe
 
-    t = Table(title=plain(title) if title else None, show_lines=False)
-    for c in columns:
-        t.add_column(plain(c), overflow="fold")
-    for r in records:  # cells are plain text (never rich markup), control characters escaped
-        t.add_row(*(plain("" if r.get(c) is None else r.get(c)) for c in columns))
-    return t
+    head = [safe(c) for c in columns]
+    rows = [[safe("" if r.get(c) is None else r.get(c)) for c in columns] for r in records]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    numeric = [bool(cells) and all(_is_number(x) for x in cells if x) for cells in zip(*rows, strict=True)] if rows \
+        else [False] * len(columns)
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(x.rjust(w) if num else x.ljust(w)
+                         for x, w, num in zip(cells, widths, numeric, strict=True)).rstrip()
+
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -13,11 +13,13 @@ import sys
 import typer
 
 from optimizer import __version__
+from optimizer.cli._coerce import PlainGroup
 from optimizer.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, Exl2optError
 from optimizer.textsafe import safe
 
 app = typer.Typer(
     name="exl2opt",
+    cls=PlainGroup,
     help="Find the quantized LLM variant and the settings (context, cache, GPU split) that fit your VRAM.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

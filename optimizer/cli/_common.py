@@ -6,15 +6,16 @@ Each helper turns raw option text into a frozen library object or raises a typed
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from optimizer.errors import BadOptionError
-from optimizer.sources import HubOptions
-from optimizer.space import Budget
-from optimizer.units import parse_sizes
-from optimizer.vram import Split
+
+if TYPE_CHECKING:  # the library is imported by the functions below, not at start-up (``--help``)
+    from optimizer.sources import HubOptions
+    from optimizer.space import Budget
+    from optimizer.vram import Split
 
 ModelOpt = typer.Option(..., "--model", "-m", help="Local dir, dir of variant dirs, or Hub repo (org/name[@revision]). Repeatable.")
 VramOpt = typer.Option(..., "--vram", help="VRAM per GPU: 15GB (10^9 B), 15GiB (2^30 B), 15000MiB, or a per-GPU list 24GB,24GB.")
@@ -53,6 +54,9 @@ NGpuLayersOpt = typer.Option(
 
 def budget_from(*, vram: str, overhead: Optional[str]) -> Budget:
     """``--vram`` and ``--overhead`` to a :class:`Budget` (bytes)."""
+    from optimizer.space import Budget
+    from optimizer.units import parse_sizes
+
     per = parse_sizes(vram)
     ov = parse_sizes(overhead, allow_zero=True) if overhead else None
     return Budget(per_device=per, overhead=ov)
@@ -60,6 +64,8 @@ def budget_from(*, vram: str, overhead: Optional[str]) -> Budget:
 
 def split_from(*, gpus: Optional[int], gpu_split: Optional[str], budget: Budget) -> Split:
     """``--gpus`` / ``--gpu-split`` (and a per-GPU ``--vram`` list) to a :class:`Split`."""
+    from optimizer.vram import Split
+
     if gpus is not None and gpu_split is not None:
         raise BadOptionError("give --gpus or --gpu-split, not both")
     n_listed = len(budget.per_device)
@@ -112,6 +118,8 @@ def parse_caches(text: Optional[str]) -> Optional[tuple[str, ...]]:
 
 def hub_options(*, offline: bool) -> HubOptions:
     """Hub settings from the environment. The token is read here and never echoed."""
+    from optimizer.sources import HubOptions
+
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
     off = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     return HubOptions(

@@ -6,13 +6,15 @@ import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from optimizer.errors import BadOptionError
-from optimizer.predict.configs import ConfigPrediction
-from optimizer.variant import Variant
+
+if TYPE_CHECKING:  # imported where used, not at start-up (``--help``)
+    from optimizer.predict.configs import ConfigPrediction
+    from optimizer.variant import Variant
 
 #: A pick should run at least this much context when some configuration can (tokens).
 TARGET_CONTEXT = 4096

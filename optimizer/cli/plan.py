@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from optimizer.cli import _common as c
 from optimizer.cli import _predict as pr
 from optimizer.cli import app
-from optimizer.formats import RuntimeOptions
-from optimizer.sources import resolve_sources
-from optimizer.space import Budget, Configuration, check_caches, enumerate_configs, evaluate, max_context, plan_rows
-from optimizer.tables import breakdown_json, fit_record, plan_record, rich_table, to_csv, to_json
-from optimizer.textsafe import plain
-from optimizer.units import fmt_both
-from optimizer.variant import Variant
-from optimizer.vram import Split
+
+if TYPE_CHECKING:  # the library is imported inside the commands, not at start-up (``--help``)
+    from optimizer.formats import RuntimeOptions
+    from optimizer.space import Budget
+    from optimizer.variant import Variant
+    from optimizer.vram import Split
 
 
 def _budget_line(per_device: tuple[int, ...], n: int) -> str:
+    from optimizer.units import fmt_both
+
     per = per_device if len(per_device) == n else per_device * n
     return " + ".join(fmt_both(b) for b in per)
 
@@ -66,6 +66,12 @@ def plan(
     gpu: Optional[str] = pr.GpuOpt,
 ) -> None:
     """Predict VRAM per GPU for every variant x context x cache mode, and whether it fits."""
+    from optimizer.formats import RuntimeOptions
+    from optimizer.sources import resolve_sources
+    from optimizer.space import check_caches, enumerate_configs, plan_rows
+    from optimizer.tables import breakdown_json, plan_record, text_table, to_csv, to_json
+    from optimizer.textsafe import safe
+
     budget = c.budget_from(vram=vram, overhead=overhead)
     split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget)
     contexts = c.parse_contexts(ctx)
@@ -89,23 +95,21 @@ def plan(
     if as_json:
         print(to_json([{**rec, "devices": breakdown_json(r.verdict)} for r, rec in shown]))
         return
-    from rich.console import Console
-
-    con = Console()
-    con.print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
+    print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
     cols = list(_PLAN_COLS.values()) + pr.columns(gpu_names)
     by_rec = {id(rec): p for rec, p in zip(records, preds, strict=True)}
-    con.print(rich_table([{**_short(rec), **pr.cells(by_rec[id(rec)], rec["fits"])} for _, rec in shown], cols))
+    print(text_table([{**_short(rec), **pr.cells(by_rec[id(rec)], rec["fits"])} for _, rec in shown], cols))
     n_fit = sum(1 for rec in records if rec["fits"])
-    con.print(plain(f"{n_fit} of {len(records)} configurations fit." + (f" CSV: {csv_path}" if csv_path else "")))
+    print(safe(f"{n_fit} of {len(records)} configurations fit." + (f" CSV: {csv_path}" if csv_path else "")))
     cands = [pr.Candidate(r.config.variant, r.config.cache, r.config.max_seq_len, p)
              for r, p in zip(rows, preds, strict=True) if r.verdict.fits]
-    con.print(plain(pr.decision_line(cands, gpu_names)), soft_wrap=True)
+    print(safe(pr.decision_line(cands, gpu_names)))
 
 
 def _default_line(variant: Variant, *, split: Split, budget: Budget, runtime: RuntimeOptions) -> str:
     """What happens with the engine's defaults: the full context and the default (first) cache mode."""
     from optimizer.formats import rules_for
+    from optimizer.space import Configuration, evaluate
     from optimizer.units import fmt_gib
 
     rules = rules_for(variant.format)
@@ -142,8 +146,13 @@ def fit(
     ),
 ) -> None:
     """For each variant and cache mode: the largest context (a multiple of 256) that fits, and how to run it."""
+    from optimizer.formats import RuntimeOptions
     from optimizer.recipes import parse_recipe_option, spec_for
     from optimizer.recipes.present import fit_section, record_fields, tools_of
+    from optimizer.sources import resolve_sources
+    from optimizer.space import check_caches, max_context
+    from optimizer.tables import fit_record, text_table, to_csv, to_json
+    from optimizer.textsafe import safe
 
     chosen = parse_recipe_option(recipe_opt)
     budget = c.budget_from(vram=vram, overhead=overhead)
@@ -178,25 +187,22 @@ def fit(
     if as_json:
         print(to_json(records))
         return
-    from rich.console import Console
-
-    con = Console()
-    con.print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
+    print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
     for v in variants:
-        con.print(plain(f"{v.label}: {v.source}"))
-        con.print(plain("  " + _default_line(v, split=split, budget=budget, runtime=runtime)), soft_wrap=True)
-    con.print(rich_table(
+        print(safe(f"{v.label}: {v.source}"))
+        print(safe("  " + _default_line(v, split=split, budget=budget, runtime=runtime)))
+    print(text_table(
         [{"variant": r["label"], "cache": r["cache"], "default ctx": r["default_ctx"],
           "max ctx that fits": r["max_ctx"] or "none", "total GiB": r["total_gib"], "headroom GiB": r["headroom_gib"], **cl}
          for r, cl in zip(records, cells, strict=True)],
         ["variant", "cache", "default ctx", "max ctx that fits", "total GiB", "headroom GiB", *pr.columns(gpu_names)],
     ))
-    con.print(plain(pr.decision_line(cands, gpu_names)), soft_wrap=True)
+    print(safe(pr.decision_line(cands, gpu_names)))
     if any(r["max_ctx"] for r in records):
         picked = pr.choose(cands)
-        con.print("How to run:")
+        print("How to run:")
         for line in fit_section(fits, runtime=runtime, chosen=chosen,
                                 pick=(picked[0].variant.key, picked[0].cache) if picked else None).splitlines():
-            con.print(plain(line), soft_wrap=True)
+            print(safe(line))
     else:
-        con.print("Nothing fits this budget, even at 256 tokens of context.")
+        print("Nothing fits this budget, even at 256 tokens of context.")

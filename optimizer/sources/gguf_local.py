@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from optimizer.errors import ModelSourceError
-from optimizer.formats.gguf import GgufHeader, config_from_header, file_type_label, read_header_file
 from optimizer.variant import Location, TensorInfo, Variant
+
+if TYPE_CHECKING:  # formats.gguf is imported by the readers below, so exl2 paths never load it
+    from optimizer.formats.gguf import GgufHeader
 
 _SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$", re.IGNORECASE)
 
@@ -53,6 +56,8 @@ def variant_from_headers(headers: list[GgufHeader], *, location: Location, name:
     ``optimizer.formats.gguf.read_header`` over ``http_range_reader``). ``name`` is the file name
     without ``.gguf`` and split suffix, used for the label when ``general.file_type`` is absent.
     """
+    from optimizer.formats.gguf import config_from_header, file_type_label
+
     tensors = [TensorInfo(name=t.name, dtype=t.type_name, shape=t.shape, nbytes=t.nbytes)
                for h in headers for t in h.tensors]
     n_elem = sum(_numel(t.shape) for t in tensors)
@@ -69,6 +74,8 @@ def variant_from_headers(headers: list[GgufHeader], *, location: Location, name:
 
 def variant_from_files(parts: list[Path]) -> Variant:
     """One GGUF variant from one file or the ordered parts of a split set."""
+    from optimizer.formats.gguf import read_header_file
+
     m = _SPLIT_RE.match(parts[0].name)
     stem = m.group("stem") if m else parts[0].stem
     return variant_from_headers([read_header_file(p) for p in parts], name=stem,
