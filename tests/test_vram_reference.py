@@ -20,7 +20,7 @@ from oracle_util import tiny_config
 from optimizer.arch import parse_arch
 from optimizer.errors import ModelConfigError
 from optimizer.formats.exl2 import Exl2Settings, memory_plan
-from optimizer.formats.exl2 import group_modules as grouping
+from optimizer.formats.exl2_modules import group_modules as grouping
 from optimizer.variant import TensorInfo
 from optimizer.vram import GIB, MIB, MemoryPlan, ModuleCost, Split, VramVerdict, place
 

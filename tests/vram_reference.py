@@ -17,6 +17,8 @@ from optimizer.errors import ModelConfigError
 from optimizer.formats.exl2 import (
     Exl2Settings,
     _transients,
+    attn_plan_scratch,
+    attn_plan_size,
     attn_scratch,
     cache_layer_bytes,
     cache_staging_bytes,
@@ -110,6 +112,7 @@ def memory_plan(*, arch: ModelArch, tensors: Iterable[TensorInfo], settings: Exl
     groups = group_modules(arch, tensors)
     s = settings
     a_scr, m_scr, h_scr = attn_scratch(arch, s), mlp_scratch(arch, s), head_scratch(arch, s)
+    a_plan, a_attn = attn_plan_scratch(arch, s), attn_plan_size(arch, s)
     a_tr, m_tr, h_tr = _transients(arch, s)
     # load_autosplit's test forward: one (1, max_input_len) chunk at past_len 0 (model.py ~L560-625).
     t = Exl2Settings(max_seq_len=s.chunk_len, cache=s.cache, batch_size=1, max_input_len=s.chunk_len,
@@ -117,17 +120,19 @@ def memory_plan(*, arch: ModelArch, tensors: Iterable[TensorInfo], settings: Exl
     a_lt, m_lt, h_lt = _transients(arch, t)
     if arch.spec.parallel_decoder:
         a_scr = max(a_scr, m_scr)
+        a_plan, a_attn = max(a_plan, m_scr), 0
         a_tr = max(a_tr, m_tr)
         a_lt = max(a_lt, m_lt)
-    state_size = arch.hidden_size * s.max_input_len * s.batch_size * 2
-    mask_size = s.max_input_len**2 * s.batch_size * 2
+    state_size = arch.hidden_size * s.chunk_len * s.batch_size * 2
+    mask_size = s.chunk_len**2 * s.batch_size * 2
     constant = 2 * (arch.head_dim * s.max_seq_len * 2)
     modules: list[ModuleCost] = []
     for key, nbytes in groups.items():
         if key == "embed":
             continue
         if key.endswith(".self_attn"):
-            modules.append(ModuleCost(key, nbytes, a_scr, a_tr, kv_layer=True, plan_bytes=a_scr, load_transient_bytes=a_lt))
+            modules.append(ModuleCost(key, nbytes, a_scr, a_tr, kv_layer=True, plan_bytes=a_plan, plan_attn_bytes=a_attn,
+                                      load_transient_bytes=a_lt))
         elif key.endswith(".mlp"):
             modules.append(ModuleCost(key, nbytes, m_scr, m_tr, plan_bytes=m_scr, load_transient_bytes=m_lt))
         elif key == "lm_head":

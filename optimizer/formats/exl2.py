@@ -16,6 +16,11 @@ Every rule below is read from the exllamav2 0.3.2 sources and checked by the ora
   ``hidden_size * 2`` bytes whatever its stored shape; the model does the same.
 * Scratch: ``scratch_space_fixed()`` per module (attention, MLP, MoE MLP, ``lm_head``); the device
   allocates the maximum over its modules (manual split) or over all modules (autosplit).
+* Manual-split planning (``set_device_map``): a module goes on a device while its weights plus the
+  device's running maxima of ``scratch_space()`` (for attention: the fixed scratch, Q/K/V of a
+  chunk and the ``repeat_kv`` copies over the whole context) and ``temp_attn_size()`` fit in the
+  ``gpu_split`` allocation less a per-device constant (sin/cos, one chunk's state and mask).
+  Checked module for module against the library by ``tests/test_placement_library.py``.
 * RoPE: FP16 sin and cos tables of ``config.max_seq_len x rot_dim`` per device and per RoPE base.
 * Transient (not checked by the oracle, a documented approximation): the residual stream and the
   query/output activations of one ``max_input_len`` chunk, the chunk's logits on the head device,
@@ -32,12 +37,12 @@ Example (Llama-3-8B shapes, FP16 cache, 8192 tokens, one GPU): cache = 32 layers
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from optimizer.arch import ModelArch
-from optimizer.errors import BadOptionError, ModelConfigError
+from optimizer.errors import BadOptionError
+from optimizer.formats.exl2_modules import group_modules, module_table
 from optimizer.variant import TensorInfo
 from optimizer.vram import MIB, MemoryPlan, ModuleKind, ModuleTable
 
@@ -129,93 +134,6 @@ class Exl2Settings:
         return min(self.max_input_len, self.max_seq_len)
 
 
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_ATTN_NORMS = ("input_layernorm.", "ln1.")
-_ATTN_POST_NORMS_GEMMA = ("post_attention_layernorm.",)
-_AS_STORED, _NORM_WEIGHT, _NORM_BIAS = 0, 1, 2
-
-
-def _size_rule(name: str) -> int:
-    """How ExLlamaV2 counts a tensor: as stored, as a norm weight (``2 * hidden``) or not at all."""
-    if name.endswith("norm.weight"):
-        return _NORM_WEIGHT
-    if name.endswith("norm.bias"):
-        return _NORM_BIAS  # LayerNorm.weight_footprint() counts the weight only
-    return _AS_STORED
-
-
-def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo], *,
-                  dropped: list[TensorInfo] | None = None) -> dict[str, int]:
-    """Bytes per ExLlamaV2 module key, in load order; the embedding is keyed ``embed`` (CPU).
-
-    Tensors outside the language model (vision tower, projector) are dropped: a text-only load
-    never reads them. Every dropped tensor is appended to ``dropped`` when given (see
-    ``optimizer.formats.accounting``, which refuses weights these rules do not account for).
-    """
-    prefix = arch.spec.lm_prefix
-    n_layers = arch.num_hidden_layers
-    norm_bytes = 2 * arch.hidden_size  # ExLlamaV2 RMSNorm/LayerNorm/HeadNorm.weight_footprint()
-    attn: list[int] = [0] * n_layers
-    mlp: list[int] = [0] * n_layers
-    out: dict[str, int] = {"embed": 0}
-    norm = head = 0
-    gemma_post = arch.spec.residual_fp32  # Gemma 2/3: post_attention_layernorm belongs to attention
-    parallel = arch.spec.parallel_decoder
-    # Per layer-tensor suffix ("self_attn.q_proj.q_weight"): (counts toward attention, size rule).
-    # Every layer repeats the same few dozen suffixes, so each is classified once.
-    classes: dict[str, tuple[bool, int]] = {}
-    match = _LAYER_RE.match
-    for t in tensors:
-        name = t.name
-        if prefix:
-            if not name.startswith(prefix):
-                if name.startswith("lm_head."):
-                    head += t.nbytes
-                elif dropped is not None:
-                    dropped.append(t)
-                continue
-            name = name[len(prefix):]
-        m = match(name)
-        if m is not None:
-            num, rest = m.groups()
-            i = int(num)
-            if i >= n_layers:
-                raise ModelConfigError(
-                    f"weights hold layer {i} but config.json says num_hidden_layers = {n_layers}"
-                )
-            cls = classes.get(rest)
-            if cls is None:
-                to_attn = parallel or rest.startswith(("self_attn.", *_ATTN_NORMS)) or (
-                    gemma_post and rest.startswith(_ATTN_POST_NORMS_GEMMA))
-                cls = classes[rest] = (to_attn, _size_rule(rest))
-            rule = cls[1]
-            nbytes = t.nbytes if rule == _AS_STORED else (norm_bytes if rule == _NORM_WEIGHT else 0)
-            if cls[0]:
-                attn[i] += nbytes
-            else:
-                mlp[i] += nbytes
-            continue
-        nbytes = t.nbytes
-        rule = _size_rule(name)
-        if rule != _AS_STORED:
-            nbytes = norm_bytes if rule == _NORM_WEIGHT else 0
-        if name.startswith("model.embed_tokens."):
-            out["embed"] += t.nbytes
-        elif name.startswith("lm_head."):
-            head += nbytes
-        elif name.startswith("model.norm."):
-            norm += nbytes
-        elif dropped is not None:
-            dropped.append(t)
-    for i in range(n_layers):
-        out[f"model.layers.{i}.self_attn"] = attn[i]
-        if not arch.spec.parallel_decoder:
-            out[f"model.layers.{i}.mlp"] = mlp[i]
-    out["model.norm"] = norm
-    out["lm_head"] = head
-    return out
-
-
 def _pad32(n: int) -> int:
     return n + (-n % 32)
 
@@ -227,16 +145,42 @@ def _dq(in_f: int, out_f: int, s: Exl2Settings) -> int:
 
 def attn_scratch(arch: ModelArch, s: Exl2Settings) -> int:
     """``ExLlamaV2Attention.scratch_space_fixed()`` in bytes."""
-    rows = s.max_input_len * s.batch_size
+    rows = s.chunk_len * s.batch_size
     h, q, kv = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.kv_dim
     temp_state = rows * max(q, h) * 2 + 128
     temp_dq = max(_dq(h, q, s), _dq(h, kv, s), _dq(q, h, s))
     return temp_state + temp_dq
 
 
+def attn_plan_scratch(arch: ModelArch, s: Exl2Settings) -> int:
+    """``ExLlamaV2Attention.scratch_space()``, the manual split's planning size, in bytes.
+
+    The fixed scratch plus Q, K and V of one chunk and, with grouped-query attention, the
+    ``repeat_kv`` copies of K and V at every query head over the whole context (``temp_kv_size``).
+    """
+    rows = s.chunk_len * s.batch_size
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.kv_dim
+    temp_kv = 0 if arch.num_key_value_heads == arch.num_attention_heads else 2 * s.max_seq_len * s.batch_size * q * 2 + 128
+    return attn_scratch(arch, s) + (rows * q * 2 + 128) + 2 * (rows * kv * 2 + 128) + temp_kv
+
+
+def attn_plan_size(arch: ModelArch, s: Exl2Settings) -> int:
+    """``ExLlamaV2Attention.temp_attn_size()`` in bytes: the attention-score reservation of a manual split.
+
+    Our backend sets ``max_attention_size`` to the square of the chunk length. With flash-attention
+    the library divides by its assumed saving, ``sqrt(max_attention_size) / 190``, in floating
+    point; the same expression is evaluated here so that the bytes agree exactly.
+    """
+    max_attention = s.chunk_len**2
+    att_max: float = min(max_attention, s.max_seq_len**2)
+    if s.flash_attn:
+        att_max //= max_attention**0.5 / 190
+    return int(2 * att_max * arch.num_attention_heads * 2 + 128)
+
+
 def mlp_scratch(arch: ModelArch, s: Exl2Settings) -> int:
-    """``ExLlamaV2MLP`` / ``ExLlamaV2MoEMLP`` ``scratch_space_fixed()`` in bytes."""
-    rows = s.max_input_len * s.batch_size
+    """``ExLlamaV2MLP`` / ``ExLlamaV2MoEMLP`` ``scratch_space_fixed()`` in bytes (also their ``scratch_space()``)."""
+    rows = s.chunk_len * s.batch_size
     h, i = arch.hidden_size, arch.intermediate_size
     if arch.spec.is_moe:
         n_exp = arch.num_experts or 0
@@ -316,57 +260,28 @@ def _transients(arch: ModelArch, s: Exl2Settings) -> tuple[int, int, int]:
     return attn, mlp, head
 
 
-#: Module kinds of an exl2 :class:`~optimizer.vram.ModuleTable`: attention (owns a cache layer),
-#: MLP, the rest (norms), the output head.
-KIND_ATTN, KIND_MLP, KIND_OTHER, KIND_HEAD = 0, 1, 2, 3
-_KIND_KV = (True, False, False, False)
-
-
-def module_table(arch: ModelArch, tensors: Iterable[TensorInfo]) -> ModuleTable:
-    """The GPU modules of ``arch`` loaded from ``tensors``, in load order (embedding excluded).
-
-    Independent of context, cache and runtime settings, so callers build it once per variant.
-
-    Raises:
-        ModelConfigError: the tensors do not belong to this architecture.
-    """
-    names: list[str] = []
-    weights: list[int] = []
-    kinds: list[int] = []
-    for key, nbytes in group_modules(arch, tensors).items():
-        if key == "embed":
-            continue
-        names.append(key)
-        weights.append(nbytes)
-        if key.endswith(".self_attn"):
-            kinds.append(KIND_ATTN)
-        elif key.endswith(".mlp"):
-            kinds.append(KIND_MLP)
-        elif key == "lm_head":
-            kinds.append(KIND_HEAD)
-        else:
-            kinds.append(KIND_OTHER)
-    return ModuleTable(names=tuple(names), weights=tuple(weights), kinds=tuple(kinds), kind_kv=_KIND_KV)
-
-
 def table_plan(*, arch: ModelArch, table: ModuleTable, settings: Exl2Settings) -> MemoryPlan:
     """The costs of ``table``'s modules under ``settings``: a :class:`MemoryPlan` (O(1) in the model size)."""
     s = settings
     a_scr, m_scr, h_scr = attn_scratch(arch, s), mlp_scratch(arch, s), head_scratch(arch, s)
+    a_plan, a_attn = attn_plan_scratch(arch, s), attn_plan_size(arch, s)
     a_tr, m_tr, h_tr = _transients(arch, s)
     # load_autosplit's test forward: one (1, max_input_len) chunk at past_len 0 (model.py ~L560-625).
     t = Exl2Settings(max_seq_len=s.chunk_len, cache=s.cache, batch_size=1, max_input_len=s.chunk_len,
                      max_dq_size=s.max_dq_size, flash_attn=s.flash_attn)
     a_lt, m_lt, h_lt = _transients(arch, t)
     if arch.spec.parallel_decoder:
+        # One module holds both; set_device_map reserves no attention size for it (not an ExLlamaV2Attention).
         a_scr = max(a_scr, m_scr)
+        a_plan, a_attn = max(a_plan, m_scr), 0
         a_tr = max(a_tr, m_tr)
         a_lt = max(a_lt, m_lt)
-    state_size = arch.hidden_size * s.max_input_len * s.batch_size * 2
-    mask_size = s.max_input_len**2 * s.batch_size * 2
+    # set_device_map's per-device constant: sin/cos, hidden state and mask of one chunk.
+    state_size = arch.hidden_size * s.chunk_len * s.batch_size * 2
+    mask_size = s.chunk_len**2 * s.batch_size * 2
     constant = 2 * (arch.head_dim * s.max_seq_len * 2)
-    costs = (
-        ModuleKind(a_scr, a_tr, plan_bytes=a_scr, load_transient_bytes=a_lt),
+    costs = (  # in the order of the table's kinds (``exl2_modules.KIND_*``)
+        ModuleKind(a_scr, a_tr, plan_bytes=a_plan, plan_attn_bytes=a_attn, load_transient_bytes=a_lt),
         ModuleKind(m_scr, m_tr, plan_bytes=m_scr, load_transient_bytes=m_lt),
         ModuleKind(),
         ModuleKind(h_scr, h_tr, plan_bytes=h_scr, load_transient_bytes=h_lt),

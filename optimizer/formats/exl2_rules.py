@@ -7,7 +7,8 @@ from functools import lru_cache
 from optimizer.arch import ModelArch, parse_arch
 from optimizer.formats import RuntimeOptions
 from optimizer.formats.accounting import check_exl2
-from optimizer.formats.exl2 import CACHE_MODES, DEFAULT_OVERHEAD_BYTES, Exl2Settings, module_table, table_plan
+from optimizer.formats.exl2 import CACHE_MODES, DEFAULT_OVERHEAD_BYTES, Exl2Settings, table_plan
+from optimizer.formats.exl2_modules import module_table
 from optimizer.textsafe import safe
 from optimizer.variant import Variant
 from optimizer.vram import MemoryPlan, ModuleTable
