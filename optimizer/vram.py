@@ -222,7 +222,8 @@ def _place_manual(plan: MemoryPlan, split: Split, budgets: tuple[int, ...],
         devices.append(_device(plan, i, budgets[i], overheads[i], start, end, None))
         start = end
     if start < n_mod:
-        return _finish(devices, False, "the --gpu-split allocation is too small for the weights")
+        return _finish(devices, False, ("the --gpu-split allocation is too small for the weights and the buffers ExLlamaV2 reserves "
+                                        "(it would stop with 'Insufficient space in device allocation')"))
     return _finish(devices, True, "")
 
 

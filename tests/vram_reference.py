@@ -246,7 +246,8 @@ def _place_manual(plan: RefPlan, split: Split, devs: list[_Dev]) -> VramVerdict:
     for m in plan.modules:
         while True:
             if cur >= len(devs):
-                return _finish(devs, False, "the --gpu-split allocation is too small for the weights")
+                return _finish(devs, False, "the --gpu-split allocation is too small for the weights and the buffers "
+                               "ExLlamaV2 reserves (it would stop with 'Insufficient space in device allocation')")
             dev_scratch = max(m.plan_bytes, reserve[cur])
             dev_attn = max(m.plan_attn_bytes, reserve_attn[cur])
             if m.weight_bytes + dev_scratch + dev_attn <= remaining[cur]:

@@ -116,6 +116,8 @@ def _default_line(variant: Variant, *, split: Split, budget: Budget, runtime: Ru
     ctx = rules.default_context(variant)
     cache = rules.CACHE_MODE_NAMES[0]
     v = evaluate(config=Configuration(variant=variant, max_seq_len=ctx, cache=cache, split=split), budget=budget, runtime=runtime)
+    if not v.placed:
+        return f"default context {ctx} tokens with a {cache} cache: does NOT load: {v.reason}"
     kv = sum(d.cache + d.cache_staging for d in v.devices)
     verdict = "fits" if v.fits else "does NOT fit"
     return (f"default context {ctx} tokens with a {cache} cache: needs {fmt_gib(v.total)} "
