@@ -122,3 +122,8 @@ def front_row_fields(row: dict[str, Any], *, spec_record: dict[str, Any] | None)
     run = recipe(spec, tool=tool) if tool else None
     tabby = recipe(spec, tool="tabby") if fmt == "exl2" else None
     return {"run_command": run.text if run else "", "tabby_config": tabby.text if tabby else ""}
+
+
+def add_recipes(front: Sequence[dict[str, Any]], *, spec_record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The Pareto rows of a study with their ``run_command`` and ``tabby_config`` (see :func:`front_row_fields`)."""
+    return [{**r, **front_row_fields(r, spec_record=spec_record)} for r in front]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optimizer.recipes.present import add_recipes
 from optimizer.report.rows import (
     PARETO_COLUMNS,
     TRIAL_COLUMNS,
@@ -53,7 +54,7 @@ def write_reports(*, study: Any, out_dir: Path, plots: bool = True) -> tuple[Rep
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = trial_rows(study)
     variants = study.user_attrs.get("variants", {}) or {}
-    front = pareto_rows(rows, variants)
+    front = add_recipes(pareto_rows(rows, variants), spec_record=study.user_attrs.get("spec"))
     pareto_csv, trials_csv = out_dir / "pareto.csv", out_dir / "trials.csv"
     pareto_csv.write_text(to_csv(front, PARETO_COLUMNS))
     trials_csv.write_text(to_csv(rows, TRIAL_COLUMNS))

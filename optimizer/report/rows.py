@@ -31,13 +31,14 @@ CONSTRAINT = "vram_excess_gib"
 PARETO_COLUMNS = (
     "variant", "format", "label", "bpw", "head_bits", "max_seq_len", "cache_mode", "split",
     "perplexity", "gen_tok_s", "gen_tok_s_min", "gen_tok_s_max", "speed_runs", "within_noise_of", "prompt_tok_s",
-    "predicted_vram_gib", "measured_vram_gib", "measured_used_gib", "budget_gib", "download", "trial",
+    "predicted_vram_gib", "measured_vram_gib", "measured_used_gib", "budget_gib", "download", "run_command",
+    "tabby_config", "trial",
 )
 TRIAL_COLUMNS = (
     "trial", "state", "status", "reason", "variant", "format", "label", "bpw", "head_bits", "max_seq_len",
     "cache_mode", "split", "perplexity", "gen_tok_s", "gen_tok_s_min", "gen_tok_s_max", "speed_runs", "prompt_tok_s",
     "context_fill", "vram_excess_gib", "predicted_vram_gib", "measured_vram_gib", "measured_used_gib", "budget_gib",
-    "model_loaded", "duplicate_of", "duration_s", "config_key",
+    "model_loaded", "duplicate_of", "duration_s", "config_key", "alloc_conf",
 )
 #: which trial of a configuration stands for it when it was tried more than once (lower first)
 STATUS_RANK = {"measured": 0, "predicted": 1, "failed": 2, "infeasible": 3, "reused": 4, "outside_space": 5}
@@ -90,6 +91,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
             "measured_used_gib": _gib_list(ua.get("measured"), "used"), "budget_gib": _gib_list(pred, "budget"),
             "model_loaded": ua.get("model_loaded"), "duplicate_of": ua.get("duplicate_of", ""),
             "duration_s": round(dur, 3) if dur is not None else None, "config_key": ua.get("config_key", ""),
+            "alloc_conf": ua.get("alloc_conf", ""),
             "predicted": pred or [], "measured": ua.get("measured") or [],
         })
     return rows

@@ -47,6 +47,8 @@ def recommendation(pareto: Sequence[dict[str, Any]]) -> str:
     lines += [f"{tag + ':':<16} {describe(r)}" for tag, r in chosen.items()]
     if chosen["balanced"].get("download"):
         lines.append(f"get it:           {chosen['balanced']['download']}")
+    if chosen["balanced"].get("run_command"):
+        lines.append(f"run it:           {chosen['balanced']['run_command']}")
     return scrub("\n".join(lines))
 
 
