@@ -71,7 +71,8 @@ def fit_section(fits: Sequence[Any], *, runtime: Any, chosen: Sequence[str], pic
         main_f, main = picked[0] if picked else max(specs, key=lambda p: p[0].max_seq_len)
         why = "the pick" if picked else "the longest context"
         out.append(f"{main_f.variant.label}, {main_f.cache} cache, {main_f.max_seq_len} tokens ({why}):")
-        out += [_indent(render(recipe(main, tool=t))) for t in default_tools(main_f.variant.format)]
+        tools = default_tools(main_f.variant.format)
+        out += [_indent(render(recipe(main, tool=t))) for t in tools] or [f"  no run recipes for {main_f.variant.format} yet"]
         others = [(f, s) for f, s in specs if f is not main_f and shell_tool(f.variant.format)]
         if others:
             out.append("The other answers, one line each:")
