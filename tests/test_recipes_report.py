@@ -59,3 +59,11 @@ def test_pareto_csv_carries_a_run_command_and_a_tabby_block(tmp_path: Path, monk
     trials = list(csv.DictReader(files.trials_csv.open()))
     assert {t["alloc_conf"] for t in trials if t["status"] == "measured"} == {EXPANDABLE}
     assert "run it:" in recommendation(front)
+    from optimizer.report.page import page_data
+    from optimizer.report.rows import configurations, trial_rows
+
+    all_rows = trial_rows(study)
+    data = page_data(study=study, configs=configurations(all_rows), front=front, all_rows=all_rows)
+    runs = {c["key"]: c["run"] for c in data["configs"]}
+    assert {runs[k] for k in data["front"]} == {r["run_command"] for r in rows}  # the page's hover and pick
+    assert all(v == "" for k, v in runs.items() if k not in data["front"])

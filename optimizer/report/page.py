@@ -138,6 +138,8 @@ def page_data(*, study: Any, configs: Sequence[dict[str, Any]], front: Sequence[
     rank = {r["config_key"]: i + 1 for i, r in enumerate(front)}
     noise = {r["config_key"]: r["within_noise_of"] for r in front if r.get("within_noise_of")}
     recs = [config_record(r, front_rank=rank, noise=noise, variants=variants) for r in configs]
+    runs = {r["config_key"]: scrub(str(r.get("run_command") or "")) for r in front}  # front rows carry their recipe
+    recs = [{**c, "run": runs.get(c["key"], "")} for c in recs]
     counts = {"configurations": len(recs)}
     for s in ("measured", "infeasible", "failed", "predicted", "reused"):
         counts[s] = sum(1 for c in recs if c["status"] == s)

@@ -61,6 +61,7 @@
     tip.appendChild(el("div", {}, ["VRAM predicted " + c.pred_gib + " GiB, measured " + (c.meas_gib || "\u2013") + " GiB"]));
     if (c.noise_of) { tip.appendChild(el("div", { "class": "noise" }, ["within the speed noise of " + c.noise_of])); }
     if (c.download) { tip.appendChild(el("div", {}, ["get it: ", el("code", {}, [c.download])])); }
+    if (c.run) { tip.appendChild(el("div", {}, ["run it: ", el("code", {}, [c.run])])); }
     tip.hidden = false;
     moveTip(evt);
   }
@@ -95,6 +96,7 @@
     if (c.noise_of) { row.appendChild(el("span", { "class": "noise" }, [" \u2248 within the speed noise of " + c.noise_of])); }
     reco.appendChild(row);
     if (c.download && p[0] === "balanced") { reco.appendChild(el("div", { "class": "reco" }, [el("b", {}, ["get it:"]), el("code", {}, [c.download])])); }
+    if (c.run && p[0] === "balanced") { reco.appendChild(el("div", { "class": "reco" }, [el("b", {}, ["run it:"]), el("code", {}, [c.run])])); }
   });
 
   // ----- the front chart
