@@ -17,6 +17,7 @@ import struct
 from typing import Any
 
 from optimizer.errors import WeightsHeaderError
+from optimizer.header_scan import scan_header
 from optimizer.variant import TensorInfo
 
 #: Bytes per element of every safetensors dtype.
@@ -32,8 +33,8 @@ MAX_HEADER_BYTES = 25_000_000
 #: Largest element count accepted for a single tensor (2**40: far beyond any real model).
 MAX_NUMEL = 2**40
 #: Most tensors accepted in one shard (a 235B MoE exl2 shard holds ~12k; 30B-A3B ~46k per shard).
-#: Checked by a byte count before JSON parsing, so a hostile header cannot make ``json.loads``
-#: build millions of objects.
+#: Counted entry by entry by the streaming reader (``optimizer.header_scan``), escaped keys included;
+#: nothing but one small record per tensor is ever built.
 MAX_TENSORS = 250_000
 
 
@@ -64,21 +65,14 @@ def parse_header_json(raw: bytes, *, name: str, data_size: int | None = None) ->
     """
     if len(raw) > MAX_HEADER_BYTES:
         raise WeightsHeaderError(f"{name}: safetensors header length {len(raw)} is not plausible")
-    if raw.count(b'"data_offsets"') > MAX_TENSORS:
-        raise WeightsHeaderError(f"{name}: safetensors header lists more than {MAX_TENSORS} tensors")
-    try:
-        doc: Any = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise WeightsHeaderError(f"{name}: safetensors header is not valid JSON ({type(e).__name__})") from None
-    except ValueError:  # e.g. an integer literal of thousands of digits (int max str digits)
-        raise WeightsHeaderError(f"{name}: safetensors header holds an absurd number literal") from None
-    if not isinstance(doc, dict):
-        raise WeightsHeaderError(f"{name}: safetensors header is not a JSON object")
+    if raw.count(b"{") > MAX_TENSORS + 1:
+        # every entry needs one '{' (escapes cannot spell it), so only here can there be too many:
+        # count them exactly first, keeping nothing, before building any record
+        for _ in scan_header(raw, name=name, max_tensors=MAX_TENSORS, count_only=True):
+            pass
     spans: list[tuple[int, int, TensorInfo]] = []
-    for key, entry in doc.items():
-        if key == "__metadata__":
-            continue
-        spans.append(_parse_entry(key, entry, name=name))
+    for key, dtype, shape, offsets in scan_header(raw, name=name, max_tensors=MAX_TENSORS):
+        spans.append(_parse_entry(key, {"dtype": dtype, "shape": shape, "data_offsets": offsets}, name=name))
     spans.sort(key=lambda s: (s[0], s[1]))
     prev_end = 0
     for begin, end, info in spans:

@@ -23,8 +23,9 @@ import shlex
 from collections.abc import Iterable
 from typing import Any
 
-#: C0 controls, DEL, C1 controls, zero-width and bidirectional formatting characters.
-_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+#: C0 controls, DEL, C1 controls, zero-width and bidirectional formatting characters, lone surrogates
+#: (a JSON ``\\ud800`` escape; unprintable on a UTF-8 terminal).
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
 #: ``scheme://user:password@`` (the password may not contain ``@``, ``/`` or whitespace).
 _USERINFO_RE = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#]*:)(?P<pw>[^\s@/?#]*)@")
 #: query/fragment/DSN parameters whose value is a secret.
