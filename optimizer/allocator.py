@@ -30,6 +30,7 @@ llama.cpp does not use PyTorch, so none of this applies to GGUF runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import MutableMapping
@@ -93,7 +94,24 @@ def apply_for_measurement(environ: MutableMapping[str, str] | None = None) -> Al
         if env.get(name):
             return AllocatorSetting(value=env[name], source="user")
     env[ENV] = EXPANDABLE
+    if environ is None:
+        _apply_to_loaded_torch()
     return AllocatorSetting(value=EXPANDABLE, source="exl2opt", late=_cuda_initialised())
+
+
+def _apply_to_loaded_torch() -> None:
+    """torch parses the variable once, on first use of its allocator config (not at import; checked
+    on torch 2.13): when torch is already imported, also pass the setting through its runtime setter,
+    which changes the parsed config (segments created from then on are expandable)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    setter = getattr(getattr(torch, "_C", None), "_accelerator_setAllocatorSettings", None)  # torch >= 2.9
+    if setter is None:
+        setter = getattr(getattr(getattr(torch, "cuda", None), "memory", None), "_set_allocator_settings", None)
+    if setter is not None:
+        with contextlib.suppress(Exception):  # a build without this allocator: the variable stays the record
+            setter(EXPANDABLE)
 
 
 def for_backend(name: str, environ: MutableMapping[str, str] | None = None) -> AllocatorSetting | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,20 @@ def test_a_llama_cpp_run_records_nothing(tmp_path: Path, monkeypatch: pytest.Mon
     _unset(monkeypatch)
     trials = _run(tmp_path, FakeBackend(name="llamacpp"))
     assert trials and all("alloc_conf" not in t for t in trials) and ENV not in os.environ
+
+
+def test_applied_to_an_already_imported_torch() -> None:
+    """torch parses the setting once, on first use: a run whose torch was imported (and its config
+    read) earlier still gets expandable segments through the runtime setter."""
+    pytest.importorskip("torch")
+    code = (
+        "import os, torch\n"
+        "os.environ.pop('PYTORCH_CUDA_ALLOC_CONF', None); os.environ.pop('PYTORCH_ALLOC_CONF', None)\n"
+        "before = torch._C._accelerator_getAllocatorSettings()\n"
+        "from optimizer.allocator import apply_for_measurement\n"
+        "s = apply_for_measurement()\n"
+        "print(repr(before), torch._C._accelerator_getAllocatorSettings(), s.source)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in (ENV, ENV_NEW)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
+    assert out == ["''", EXPANDABLE, "exl2opt"]
