@@ -234,6 +234,8 @@ def test_hub_variant_path_and_download_command_are_quoted(tmp_path: Path) -> Non
     got = argv_via_bash(line, "python", cwd=tmp_path)
     assert got[got.index("-m") + 1] == f"Model-exl2-{rev}"
     assert not (tmp_path / "x").exists()
+    assert any("absolute path" in n for n in recipe(spec(path=model_path(loc, fmt="exl2")), tool="tabby").notes)
+    assert not any("absolute path" in n for n in recipe(spec(path="/abs/m"), tool="tabby").notes)
     gg = Location(kind="hub", repo_id="org/M-GGUF", revision="main", subfolder="q4", files=("M-Q4_0.gguf",))
     assert model_path(gg, fmt="gguf") == "M-GGUF/q4/M-Q4_0.gguf"
 

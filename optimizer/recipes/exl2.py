@@ -52,6 +52,10 @@ _ENV_WORD = f"{ENV}={EXPANDABLE}"
 _ALLOC_NOTE = f"{_ENV_WORD}: the allocator setting exl2opt measures with and its VRAM model assumes (docs/recipes.md)"
 
 
+_RELATIVE = ("the model's path is relative to the folder it was downloaded into, but {tool} resolves {what} "
+             "from its own folder: use the absolute path")
+
+
 def _default_reserve(split: Split) -> bool:
     return split.reserve_bytes == Split(mode="auto", n_devices=split.n_devices).reserve_bytes
 
@@ -121,6 +125,8 @@ def tabby(spec: RunSpec) -> Recipe:
     if cache_size % 256:
         notes.append(f"TabbyAPI rounds cache_size up to a multiple of 256 ({-(-cache_size // 256) * 256} tokens)")
     parent, name = _parent_and_name(spec.model_path)
+    if not spec.model_path.startswith("/"):
+        notes.append(_RELATIVE.format(what="model_dir", tool="TabbyAPI"))
     lines = [
         "# exl2 needs TabbyAPI's exl2-checkpoint branch (main dropped exl2 in July 2026)",
         "model:",
@@ -165,9 +171,10 @@ def webui(spec: RunSpec) -> Recipe:
     if split is None:
         return unsupported("webui", "webui's --autosplit cannot set the autosplit reserve")
     parent, name = _parent_and_name(spec.model_path)
+    notes = (_ALLOC_NOTE,) if spec.model_path.startswith("/") else (_ALLOC_NOTE, _RELATIVE.format(what="--model-dir", tool="webui"))
     argv = [_ENV_WORD, "python", "server.py", "--model-dir", parent, "--model", name, "--loader", "ExLlamav2_HF",
             "--max_seq_len", str(spec.max_seq_len), "--cache_type", spec.cache, *split]
-    return Recipe(tool="webui", title=WEBUI, text=sh_join(argv), kind="shell", notes=(_ALLOC_NOTE,))
+    return Recipe(tool="webui", title=WEBUI, text=sh_join(argv), kind="shell", notes=notes)
 
 
 def script(spec: RunSpec) -> Recipe:
