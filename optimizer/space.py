@@ -6,8 +6,9 @@ planner and the study all ask it. Everything here is pure and cheap (no engine, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from optimizer.errors import BadOptionError
 from optimizer.formats import RuntimeOptions, rules_for
@@ -172,24 +173,12 @@ def max_context(
     default_ctx = rules.default_context(variant)
     hi = max(default_ctx // step, 1)
 
-    def verdict(n: int) -> VramVerdict:
+    def fitting(n: int) -> VramVerdict | None:
         cfg = Configuration(variant=variant, max_seq_len=n * step, cache=cache, split=split)
-        return evaluate(config=cfg, budget=budget, runtime=runtime)
+        v = evaluate(config=cfg, budget=budget, runtime=runtime)
+        return v if v.fits else None
 
-    best: tuple[int, VramVerdict] | None = None
-    top = verdict(hi)
-    if top.fits:
-        best = (hi, top)
-    else:
-        lo_n, hi_n = 1, hi - 1
-        while lo_n <= hi_n:
-            mid = (lo_n + hi_n) // 2
-            v = verdict(mid)
-            if v.fits:
-                best = (mid, v)
-                lo_n = mid + 1
-            else:
-                hi_n = mid - 1
+    best = _largest(hi, fitting)
     return FitResult(
         variant=variant,
         cache=cache,
@@ -198,3 +187,79 @@ def max_context(
         default_ctx=default_ctx,
         verdict=best[1] if best else None,
     )
+
+
+_T = TypeVar("_T")
+
+
+def _largest(hi: int, test: Callable[[int], _T | None]) -> tuple[int, _T] | None:
+    """Largest ``n`` in ``1..hi`` whose ``test(n)`` is not None (monotone: true up to some n), with it."""
+    top = test(hi)
+    if top is not None:
+        return hi, top
+    best: tuple[int, _T] | None = None
+    lo_n, hi_n = 1, hi - 1
+    while lo_n <= hi_n:
+        mid = (lo_n + hi_n) // 2
+        got = test(mid)
+        if got is not None:
+            best = (mid, got)
+            lo_n = mid + 1
+        else:
+            hi_n = mid - 1
+    return best
+
+
+def split_search(
+    *,
+    variant: Variant,
+    cache: str,
+    n_devices: int,
+    budget: Budget,
+    runtime: RuntimeOptions = RuntimeOptions(),
+) -> tuple[FitResult, FitResult] | None:
+    """The longest context over manual splits, and over autosplit reserves, on ``n_devices`` GPUs.
+
+    Returns (best ``gpu_split``, best reserves) as :class:`FitResult` whose ``split`` is the setting
+    found at that context (see :mod:`optimizer.splitsearch`), or None for a format that places
+    layers itself (GGUF). Exact with respect to the VRAM model only in the sense that every answer
+    is a placement the model says fits; the search itself is greedy.
+    """
+    from optimizer.splitsearch import best_manual_split, best_reserves
+
+    rules = rules_for(variant.format)
+    if getattr(rules, "place_config", None) is not None or n_devices < 2:
+        return None
+    step = rules.context_step()
+    default_ctx = rules.default_context(variant)
+    hi = max(default_ctx // step, 1)
+    per = budget.per_device * n_devices if len(budget.per_device) == 1 else budget.per_device
+    ov = budget.overhead if budget.overhead is not None else (rules.DEFAULT_OVERHEAD_BYTES,)
+    ov = ov * n_devices if len(ov) == 1 else ov
+    out = []
+    for search in (best_manual_split, best_reserves):
+        def test(n: int, search: Callable[..., tuple[Split, VramVerdict] | None] = search) -> (
+                tuple[Split, VramVerdict] | None):
+            plan = rules.variant_plan(variant, max_seq_len=n * step, cache=cache, runtime=runtime)
+            return search(plan=plan, budgets=per, overheads=ov)
+
+        best = _largest(hi, test)
+        out.append(FitResult(
+            variant=variant, cache=cache,
+            split=best[1][0] if best else Split(mode="auto", n_devices=n_devices),
+            max_seq_len=best[0] * step if best else None, default_ctx=default_ctx,
+            verdict=best[1][1] if best else None,
+        ))
+    return out[0], out[1]
+
+
+def better_split(auto: FitResult, found: tuple[FitResult, FitResult] | None) -> FitResult | None:
+    """Of :func:`split_search`'s answers, the one holding the longest context when it beats ``auto``.
+
+    A manual split wins ties with reserves: its placement does not depend on load-time allocations.
+    """
+    if found is None:
+        return None
+    manual, reserves = found
+    best = manual if (manual.max_seq_len or 0) >= (reserves.max_seq_len or 0) else reserves
+    return best if (best.max_seq_len or 0) > (auto.max_seq_len or 0) else None

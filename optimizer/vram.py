@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from optimizer.memplan import MemoryPlan, ModuleCost, ModuleKind, ModuleTable
 
 __all__ = ["MIB", "GIB", "AUTOSPLIT_MIN_RESERVE", "MemoryPlan", "ModuleCost", "ModuleKind", "ModuleTable", "Split",
-           "DeviceBreakdown", "VramVerdict", "place"]
+           "DeviceBreakdown", "VramVerdict", "place", "range_breakdown", "manual_need"]
 
 MIB = 2**20
 GIB = 2**30
@@ -169,9 +169,12 @@ def _expand(values: tuple[int, ...], n: int, what: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _device(plan: MemoryPlan, index: int, budget: int, overhead: int, start: int, end: int,
-            scratch: int | None) -> DeviceBreakdown:
-    """The breakdown of a device holding modules ``[start, end)``; ``scratch`` None = max over them."""
+def range_breakdown(plan: MemoryPlan, *, index: int, budget: int, overhead: int, start: int, end: int,
+                    scratch: int | None = None) -> DeviceBreakdown:
+    """The breakdown of a device holding modules ``[start, end)`` (bytes); ``scratch`` None = max over them.
+
+    An empty range is an unused device (all zero). O(kinds).
+    """
     if end <= start:
         return DeviceBreakdown(index=index, budget=budget)
     t, costs = plan.table, plan.costs
@@ -203,7 +206,7 @@ def _finish(devices: list[DeviceBreakdown], placed: bool, reason: str) -> VramVe
 
 
 def _place_single(plan: MemoryPlan, budget: int, overhead: int) -> VramVerdict:
-    return _finish([_device(plan, 0, budget, overhead, 0, len(plan.table), None)], True, "")
+    return _finish([range_breakdown(plan, index=0, budget=budget, overhead=overhead, start=0, end=len(plan.table))], True, "")
 
 
 def _place_manual(plan: MemoryPlan, split: Split, budgets: tuple[int, ...],
@@ -219,12 +222,27 @@ def _place_manual(plan: MemoryPlan, split: Split, budgets: tuple[int, ...],
     for i, g in enumerate(split.gpu_split):
         room = int(g * GIB) - plan.plan_constant_bytes
         end = _manual_end(plan, start, room) if start < n_mod else start
-        devices.append(_device(plan, i, budgets[i], overheads[i], start, end, None))
+        devices.append(range_breakdown(plan, index=i, budget=budgets[i], overhead=overheads[i], start=start, end=end))
         start = end
     if start < n_mod:
         return _finish(devices, False, ("the --gpu-split allocation is too small for the weights and the buffers ExLlamaV2 reserves "
                                         "(it would stop with 'Insufficient space in device allocation')"))
     return _finish(devices, True, "")
+
+
+def manual_need(plan: MemoryPlan, *, start: int, end: int) -> int:
+    """What ``set_device_map`` needs free on one device to place modules ``[start, end)`` there (bytes).
+
+    Their weights plus the largest ``scratch_space()`` and ``temp_attn_size()`` among them; 0 for
+    an empty range. Module ``end - 1`` is placed exactly when the device's allocation (less the
+    per-device constant) is at least this much.
+    """
+    if end <= start:
+        return 0
+    t, costs = plan.table, plan.costs
+    kinds = t.kinds_in(start, end)
+    return (t.prefix_w[end] - t.prefix_w[start] + max(costs[k].plan_bytes for k in kinds)
+            + max(costs[k].plan_attn_bytes for k in kinds))
 
 
 def _manual_end(plan: MemoryPlan, start: int, room: int) -> int:
@@ -266,7 +284,8 @@ def _place_auto(plan: MemoryPlan, split: Split, budgets: tuple[int, ...],
         if start < n_mod:
             fixed = overheads[i] + scratch + plan.rope_bytes + split.reserve_bytes[i] + AUTOSPLIT_MIN_RESERVE
             end = _auto_end(plan, held, kv_kinds, start, budgets[i] - fixed)
-        devices.append(_device(plan, i, budgets[i], overheads[i], start, end, scratch))
+        devices.append(range_breakdown(plan, index=i, budget=budgets[i], overhead=overheads[i], start=start, end=end,
+                                       scratch=scratch))
         start = end
     if start < n_mod:
         return _finish(devices, False, "Insufficient VRAM for model and cache (autosplit ran out of GPUs)")

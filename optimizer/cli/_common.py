@@ -28,6 +28,11 @@ GpuSplitOpt = typer.Option(
     help="Manual split. exl2: GiB of weights per GPU, as ExLlamaV2's gpu_split (e.g. 10,15). "
          "GGUF: llama.cpp tensor_split proportions of the offloaded layers (10,15 = 40%/60%).",
 )
+ReserveOpt = typer.Option(
+    None, "--reserve",
+    help="exl2 autosplit (--gpus 2+): VRAM kept free on each GPU while loading (ExLlamaV2 load_autosplit reserve_vram, "
+         "TabbyAPI autosplit_reserve): one size or a per-GPU list, e.g. 1GiB,0. Default 192MiB on GPU 0, 64MiB on the others.",
+)
 CtxOpt = typer.Option(
     "auto", "--ctx", help="Context lengths, comma-separated (8192,16k), or 'auto' (powers of two up to the model's default)."
 )
@@ -62,12 +67,15 @@ def budget_from(*, vram: str, overhead: Optional[str]) -> Budget:
     return Budget(per_device=per, overhead=ov)
 
 
-def split_from(*, gpus: Optional[int], gpu_split: Optional[str], budget: Budget) -> Split:
-    """``--gpus`` / ``--gpu-split`` (and a per-GPU ``--vram`` list) to a :class:`Split`."""
+def split_from(*, gpus: Optional[int], gpu_split: Optional[str], budget: Budget, reserve: Optional[str] = None) -> Split:
+    """``--gpus`` / ``--gpu-split`` / ``--reserve`` (and a per-GPU ``--vram`` list) to a :class:`Split`."""
+    from optimizer.units import parse_sizes
     from optimizer.vram import Split
 
     if gpus is not None and gpu_split is not None:
         raise BadOptionError("give --gpus or --gpu-split, not both")
+    if reserve is not None and gpu_split is not None:
+        raise BadOptionError("--reserve applies to autosplit only, not to a --gpu-split")
     n_listed = len(budget.per_device)
     if gpu_split is not None:
         try:
@@ -84,7 +92,16 @@ def split_from(*, gpus: Optional[int], gpu_split: Optional[str], budget: Budget)
         raise BadOptionError(f"--gpus must be between 1 and 64, got {n}")
     if n_listed not in (1, n):
         raise BadOptionError(f"--vram lists {n_listed} GPUs but --gpus is {n}")
-    return Split(mode="single") if n == 1 else Split(mode="auto", n_devices=n)
+    if reserve is not None and n == 1:
+        raise BadOptionError("--reserve applies to autosplit only: give it with --gpus 2 or more (or a per-GPU --vram list)")
+    if n == 1:
+        return Split(mode="single")
+    if reserve is None:
+        return Split(mode="auto", n_devices=n)
+    per = parse_sizes(reserve, allow_zero=True)
+    if len(per) not in (1, n):
+        raise BadOptionError(f"--reserve lists {len(per)} GPUs but there are {n}")
+    return Split(mode="auto", n_devices=n, reserve_bytes=per * n if len(per) == 1 else per)
 
 
 def parse_contexts(text: str) -> Optional[tuple[int, ...]]:

@@ -13,7 +13,7 @@ from optimizer.cli import app
 
 if TYPE_CHECKING:  # the library is imported inside the commands, not at start-up (``--help``)
     from optimizer.formats import RuntimeOptions
-    from optimizer.space import Budget
+    from optimizer.space import Budget, FitResult
     from optimizer.variant import Variant
     from optimizer.vram import Split
 
@@ -52,6 +52,7 @@ def plan(
     vram: str = c.VramOpt,
     gpus: Optional[int] = c.GpusOpt,
     gpu_split: Optional[str] = c.GpuSplitOpt,
+    reserve: Optional[str] = c.ReserveOpt,
     ctx: str = c.CtxOpt,
     cache: Optional[str] = c.CacheOpt,
     overhead: Optional[str] = c.OverheadOpt,
@@ -73,7 +74,7 @@ def plan(
     from optimizer.textsafe import safe
 
     budget = c.budget_from(vram=vram, overhead=overhead)
-    split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget)
+    split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget, reserve=reserve)
     contexts = c.parse_contexts(ctx)
     caches = c.parse_caches(cache)
     runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers)
@@ -125,12 +126,25 @@ def _default_line(variant: Variant, *, split: Split, budget: Budget, runtime: Ru
             f"of {fmt_gib(v.budget)}: {verdict}")
 
 
+def _split_line(auto: FitResult, better: FitResult) -> str:
+    """``label cache: --gpu-split 7.9,7.8 holds N tokens (autosplit: M)``."""
+    from optimizer.vram import MIB
+
+    s = better.split
+    how = (f"--gpu-split {s.label} (ExLlamaV2 gpu_split, GiB per GPU for weights and buffers)" if s.mode == "manual"
+           else f"--gpus {s.n_devices} --reserve {','.join(f'{b // MIB}MiB' for b in s.reserve_bytes)} "
+                "(ExLlamaV2 load_autosplit reserve_vram)")
+    return (f"{better.variant.label} {better.cache}: {how} holds {better.max_seq_len} tokens "
+            f"(autosplit: {auto.max_seq_len or 'nothing fits'})")
+
+
 @app.command()
 def fit(
     model: list[str] = c.ModelOpt,
     vram: str = c.VramOpt,
     gpus: Optional[int] = c.GpusOpt,
     gpu_split: Optional[str] = c.GpuSplitOpt,
+    reserve: Optional[str] = c.ReserveOpt,
     cache: Optional[str] = c.CacheOpt,
     overhead: Optional[str] = c.OverheadOpt,
     chunk: int = c.ChunkOpt,
@@ -152,13 +166,13 @@ def fit(
     from optimizer.recipes import parse_recipe_option, spec_for
     from optimizer.recipes.present import fit_section, record_fields, tools_of
     from optimizer.sources import resolve_sources
-    from optimizer.space import check_caches, max_context
+    from optimizer.space import better_split, check_caches, max_context, split_search
     from optimizer.tables import fit_record, text_table, to_csv, to_json
     from optimizer.textsafe import safe
 
     chosen = parse_recipe_option(recipe_opt)
     budget = c.budget_from(vram=vram, overhead=overhead)
-    split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget)
+    split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget, reserve=reserve)
     caches = c.parse_caches(cache)
     runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers)
     variants = resolve_sources(specs=model, hub=c.hub_options(offline=offline))
@@ -167,17 +181,24 @@ def fit(
     if caches:
         caches = check_caches(variants, caches)
     gpu_names = pr.resolve_gpus(gpu)
-    records, cands, fits = [], [], []
+    records, cands, fits, beats = [], [], [], []
     all_tools = tuple(dict.fromkeys(t for v in variants for t in tools_of(v.format, chosen)))
     for v in variants:
         allowed = rules_for(v.format).CACHE_MODE_NAMES
         cms = tuple(cm for cm in caches if cm in allowed) if caches else allowed
         for cm in cms:
             res = max_context(variant=v, cache=cm, split=split, budget=budget, runtime=runtime)
+            extra = {"autosplit_max_ctx": res.max_seq_len} if split.mode == "auto" else {}
+            if split.mode == "auto":  # a manual split or per-GPU reserves may hold more
+                found = split_search(variant=v, cache=cm, n_devices=split.n_devices, budget=budget, runtime=runtime)
+                better = better_split(res, found)
+                if better is not None:
+                    beats.append((res, better))
+                    res = better
             p = pr.predict_row(v, cm, res.max_seq_len or res.default_ctx, res.verdict, gpu_names)
-            spec = spec_for(v, max_seq_len=res.max_seq_len, cache=cm, split=split, runtime=runtime) if res.max_seq_len else None
+            spec = spec_for(v, max_seq_len=res.max_seq_len, cache=cm, split=res.split, runtime=runtime) if res.max_seq_len else None
             fits.append(res)
-            records.append({**fit_record(res, batch_size=batch, chunk_len=chunk), **pr.summary_columns(p),
+            records.append({**fit_record(res, batch_size=batch, chunk_len=chunk), **extra, **pr.summary_columns(p),
                             **{f"recipe_{t}": "" for t in all_tools}, **record_fields(spec, tools_of(v.format, chosen))})
             records[-1]["_cells"] = pr.cells(p, res.max_seq_len is not None)
             if res.max_seq_len:
@@ -199,6 +220,11 @@ def fit(
          for r, cl in zip(records, cells, strict=True)],
         ["variant", "cache", "default ctx", "max ctx that fits", "total GiB", "headroom GiB", *pr.columns(gpu_names)],
     ))
+    if beats:
+        print(f"Better than autosplit{' with --reserve' if reserve else ''} on {split.n_devices} GPUs "
+              "(the table and the recipes below use these):")
+        for auto, better in beats:
+            print(safe(f"  {_split_line(auto, better)}"))
     print(safe(pr.decision_line(cands, gpu_names)))
     if any(r["max_ctx"] for r in records):
         picked = pr.choose(cands)
