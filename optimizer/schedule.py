@@ -175,6 +175,7 @@ class Schedule:
     skipped: list[Skipped] = field(default_factory=list)
     measured: dict[str, Measured] = field(default_factory=dict)
     loaded: str | None = None
+    dropped: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.items, small = largest_context_only(self.items)
@@ -186,8 +187,15 @@ class Schedule:
         return {k: Point(m.ppl, m.tok_s, self._by_key[k].ctx) for k, m in self.measured.items()}
 
     def pending(self) -> list[Item]:
-        done = set(self.measured) | {s.item.key for s in self.skipped}
+        done = set(self.measured) | {s.item.key for s in self.skipped} | self.dropped
         return [it for it in self.items if it.key not in done]
+
+    def item(self, key: str) -> Item:
+        return self._by_key[key]
+
+    def drop(self, key: str) -> None:
+        """Take ``key`` out of the schedule without a result (failed, or measured elsewhere)."""
+        self.dropped.add(key)
 
     def next(self) -> Item | None:
         """The next configuration to measure: the loaded variant's first, then the variant whose best pending

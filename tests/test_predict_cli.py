@@ -121,3 +121,31 @@ def test_variant_bits_counts_exl2_linears_once() -> None:
     assert vb is not None and vb.n_layers == 60
     assert vb.head_bits == pytest.approx(6.33, abs=0.05)
     assert 33e9 < vb.decoder_params < 34e9  # Yi-34B decoder
+
+
+def test_search_predict_only_writes_the_predicted_front_without_a_backend(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import csv
+
+    code, out, err = run(["search", "-m", str(EXAMPLE), "--vram", "24GB", "--predict-only", "--gpu", "RTX 4090",
+                          "--backend", "exllamav2", "--studies-dir", str(tmp_path), "--study", "p"], capsys)
+    assert code == 0, err
+    d = tmp_path / "p"
+    trials = list(csv.DictReader((d / "trials.csv").open()))
+    front = list(csv.DictReader((d / "pareto.csv").open()))
+    assert (d / "pareto_predicted.png").is_file() and not (d / "journal.log").exists()  # no study, no GPU
+    assert {r["source"] for r in trials} == {"predicted"} and front
+    fitting = [r for r in trials if r["fits"] == "True"]
+    assert all(float(r["ppl_vs_fp16_low"]) <= float(r["ppl_vs_fp16"]) <= float(r["ppl_vs_fp16_high"]) for r in fitting)
+    assert all(r["ppl_vs_fp16"] == "" and r["reason"] for r in trials if r["fits"] == "False")
+    keys = {r["config_key"] for r in front}
+    assert keys <= {r["config_key"] for r in fitting}
+    # nothing in the file dominates a front row
+    for f in front:
+        for r in fitting:
+            better = (float(r["ppl_vs_fp16"]) <= float(f["ppl_vs_fp16"]) and float(r["gen_tok_s"]) >= float(f["gen_tok_s"])
+                      and int(r["max_seq_len"]) >= int(f["max_seq_len"]))
+            strictly = (float(r["ppl_vs_fp16"]), float(r["gen_tok_s"]), int(r["max_seq_len"])) != (
+                float(f["ppl_vs_fp16"]), float(f["gen_tok_s"]), int(f["max_seq_len"]))
+            assert not (better and strictly)
+    assert "predicted front" in out

@@ -140,3 +140,29 @@ def cells(p: ConfigPrediction, fits: bool) -> dict[str, str]:
     out = {"pred. ppl vs FP16": ppl_cell(p)}
     out[f"pred. tok/s @{SHOWN}"] = speed_cell(p) if fits else ""
     return out
+
+
+def write_predicted_front(*, spec: object, out_dir: object, gpus: Sequence[str]) -> None:
+    """``search --predict-only``: the predicted front's files and one line naming them."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from optimizer.predict.front import write_predicted
+    from optimizer.predict.refit import SpaceEntry
+    from optimizer.study import SearchSpec, build_space
+    from optimizer.textsafe import plain
+
+    assert isinstance(spec, SearchSpec) and isinstance(out_dir, Path)
+    entries = [SpaceEntry(c.key, c.config, c.verdict) for c in build_space(spec)]
+    files, front = write_predicted(entries, out_dir=out_dir, gpus=gpus, fill=spec.speed_protocol.context_fill)
+    con = Console()
+    n_fit = sum(1 for e in entries if e.verdict.fits)
+    con.print(plain(f"Predicted (no GPU, no download): {n_fit} feasible of {len(entries)}; predicted front: "
+                    f"{len(front)} configurations."), soft_wrap=True)
+    for r in front[:10]:
+        speed = f", {r['gen_tok_s']:.0f} tok/s ({r['gen_tok_s_low']:.0f}..{r['gen_tok_s_high']:.0f})" if "gen_tok_s" in r else ""
+        con.print(plain(f"  {r['label']} {r['cache']} ctx {r['max_seq_len']}: ppl {(r['ppl_vs_fp16'] - 1) * 100:+.1f}% "
+                        f"({(r['ppl_vs_fp16_low'] - 1) * 100:+.1f}..{(r['ppl_vs_fp16_high'] - 1) * 100:+.1f}) vs FP16{speed}"),
+                  soft_wrap=True)
+    con.print(plain("Reports: " + ", ".join(str(f) for f in files)), soft_wrap=True)

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from optimizer.cli import _common as c
+from optimizer.cli import _predict as pr
 from optimizer.cli import app
 from optimizer.errors import BadOptionError
 from optimizer.textsafe import plain
@@ -56,6 +57,11 @@ def search(
     backend: str = typer.Option("auto", "--backend", help="exllamav2 | llamacpp | auto (by variant format)."),
     seed: int = typer.Option(0, "--seed", help="Sampler seed."),
     no_report: bool = typer.Option(False, "--no-report", help="Do not write reports at the end."),
+    exhaustive: bool = typer.Option(False, "--exhaustive", help="Measure every feasible configuration (default: only "
+                                    "those that can reach the front; the others are stored as skipped, with predictions)."),
+    predict_only: bool = typer.Option(False, "--predict-only", help="No GPU, no download: write trials.csv, pareto.csv and "
+                                      "a plot of the predicted front (source=predicted, with intervals) and stop."),
+    gpu: Optional[str] = pr.GpuOpt,
     backend_factory: Optional[str] = typer.Option(None, "--backend-factory", hidden=True),
 ) -> None:
     """Measure perplexity and tokens/s of every configuration that fits the VRAM budget; write the Pareto front.
@@ -69,7 +75,6 @@ def search(
     from optimizer.backends import backend_for, backend_name_for
     from optimizer.cli.worker import default_factory, load_factory, spec_from_options
     from optimizer.evaldata import load_eval_text
-    from optimizer.report import recommendation, write_reports
     from optimizer.storage import study_dir
     from optimizer.study import SAMPLERS, open_study, run
 
@@ -83,6 +88,11 @@ def search(
                              min_ctx=min_ctx, overhead=overhead, chunk=chunk, batch=batch, flash_attn=flash_attn,
                              offline=offline, eval_data=eval_data, eval_windows=eval_windows,
                              eval_window=eval_window, fill=fill, n_gpu_layers=n_gpu_layers)
+    name = study or _default_study(model, vram)
+    gpu_names = pr.resolve_gpus(gpu)
+    if predict_only:
+        pr.write_predicted_front(spec=spec, out_dir=study_dir(study=name, root=root), gpus=gpu_names)
+        return
     if backend_factory:
         factory = load_factory(backend_factory)
     else:
@@ -91,16 +101,17 @@ def search(
             backend_for(variant=next(v for v in variants if backend_name_for(variant=v, name=backend) == bname),
                         name=bname).check_available()  # one clear line before any study is created
         factory = default_factory(backend)
-    name = study or _default_study(model, vram)
     con = Console(stderr=True)
     with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=con, transient=False) as prog:
         res = run(spec=spec, study_name=name, backend_factory=factory,
                   eval_text=lambda: load_eval_text(path=eval_data), storage_url=storage, root=root,
-                  n_trials=n_trials, timeout=timeout, sampler=sampler, seed=seed, progress=prog)
+                  n_trials=n_trials, timeout=timeout, sampler=sampler, seed=seed, progress=prog,
+                  exhaustive=exhaustive or sampler != "auto", gpus=gpu_names)
     out = Console()
     out.print(plain(f"Study {name}: {res.n_feasible} feasible / {res.n_infeasible} rejected by the VRAM model; "
-              f"measured {res.n_measured}, failed {res.n_failed}, reused {res.n_reused}, model loads {res.model_loads}; "
+              f"measured {res.n_measured}, skipped {res.n_skipped} (dominated), failed {res.n_failed}, "
+              f"reused {res.n_reused}, model loads {res.model_loads}; "
               f"stopped: {res.stop_reason}."))
     if res.n_feasible == 0:
         out.print("The VRAM model rejects every configuration of this study, so nothing was measured; "
@@ -108,6 +119,8 @@ def search(
                   "smaller --ctx, quantized --cache modes or a smaller --min-ctx.", soft_wrap=True)
     if no_report:
         return
+    from optimizer.report import recommendation, write_reports
+
     st = open_study(study_name=name, storage_url=storage, root=root, create=False)
     files, front = write_reports(study=st, out_dir=study_dir(study=name, root=root))
     out.print(plain(recommendation(front)), soft_wrap=True)

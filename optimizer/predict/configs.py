@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from optimizer.predict.estimate import Estimate
 from optimizer.predict.quality import CURVES, QualityFit, cache_penalty, fit
-from optimizer.predict.speed import Calibration, split_decode_speed
+from optimizer.predict.speed import EXL2_CACHE_BITS, Calibration, split_decode_speed
 from optimizer.variant import TensorInfo, Variant
 from optimizer.vram import VramVerdict
 
@@ -134,8 +134,6 @@ def predict_quality(variant: Variant, cache: str, qfit: QualityFit | None = None
 
 def kv_read_factor(fmt: str, cache: str) -> float:
     """Bytes read per stored cache byte per step (exllamav2 dequantizes a quantized cache into FP16 staging)."""
-    from optimizer.predict.speed import EXL2_CACHE_BITS
-
     b = EXL2_CACHE_BITS.get(cache.lower()) if fmt == "exl2" else None
     return 1.0 if b is None else 1.0 + 32.0 / b
 

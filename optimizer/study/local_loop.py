@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optimizer.evaldata import EvalText
 from optimizer.storage import DEFAULT_ROOT, VARIANTS_NAME, study_dir, sweep_stale
 from optimizer.study.candidates import Candidate, build_space, config_key_of, distributions
+from optimizer.study.guided import Guide, record_skipped
 from optimizer.study.locks import run_lock_for
 from optimizer.study.measure import BackendFactory, RunState, close_engines, load_memos, measure
 from optimizer.study.opening import init_study, open_study
@@ -68,6 +69,8 @@ def run(
     sampler: str = "auto",
     seed: int | None = 0,
     progress: Any = None,
+    exhaustive: bool = True,
+    gpus: Sequence[str] = (),
 ) -> SearchResult:
     """Run (or resume) the study ``study_name`` until the space is exhausted, ``n_trials`` GPU
     trials ran, or ``timeout`` seconds passed.
@@ -75,6 +78,10 @@ def run(
     ``backend_factory(variant)`` returns the backend for a variant's format (only called for
     variants that are measured). ``eval_text()`` is called once, lazily, before the first
     perplexity. ``progress`` is an optional ``rich.progress.Progress``.
+
+    ``exhaustive`` False runs the prediction-guided search (:mod:`optimizer.study.guided`): only
+    configurations that can reach the front are measured, the others are stored as ``skipped`` with
+    their predictions and reason; ``gpus`` names the GPU model(s) for the speed predictions.
     """
     import optuna
 
@@ -106,6 +113,12 @@ def run(
 
     todo = [c for c in feasible if c.key not in st.done]
     mode = choose_mode(sampler=sampler, n_todo=len(todo), n_trials=n_trials)
+    guide = None if exhaustive or not todo else Guide(feasible, spec, gpus)
+    if guide is not None:
+        mode = "enumerate"
+        for c in feasible:  # results of earlier runs of this study anchor the predictions
+            if c.key in st.done:
+                guide.observe(c, st.done[c.key])
     text = functools.cache(eval_text)  # loaded once, before the first perplexity
     task = progress.add_task("trials", total=min(len(todo), n_trials or len(todo))) if progress else None
     rank = {c.key: i for i, c in enumerate(cands)}
@@ -131,6 +144,12 @@ def run(
                 if not free:  # everything left is being measured by another worker
                     stop = "others_running"
                     break
+                if guide is not None:
+                    record_skipped(study, guide.new_skips(), by_key, dists)
+                    nxt = guide.next(free)
+                    if nxt is None:  # everything left is dominated by measured points
+                        break
+                    free = [nxt]
                 trial = _ask_fixed(study, free[0], dists)
                 key = config_key_of(trial.params, spec.split)
                 got = by_key.get(key)
@@ -155,10 +174,18 @@ def run(
 
                 pending.remove(trial)
                 mark_running(trial, cand)
-                measure(study, trial, cand, spec=spec, st=st, factory=backend_factory, text=text, say=say)
+                if guide is None:
+                    measure(study, trial, cand, spec=spec, st=st, factory=backend_factory, text=text, say=say)
+                else:
+                    guide.annotate(trial, cand)
+                    skip = measure(study, trial, cand, spec=spec, st=st, factory=backend_factory, text=text, say=say,
+                                   perplexity=guide.perplexity(cand))
+                    guide.observe(cand, st.done.get(cand.key), skip)
                 gpu_trials += 1
                 if progress is not None:
                     progress.advance(task)
+        if guide is not None:
+            record_skipped(study, guide.new_skips(), by_key, dists)
     except BaseException:
         fail_interrupted(study, pending)
         raise
@@ -169,6 +196,7 @@ def run(
     return SearchResult(
         study_name=study_name, n_feasible=len(feasible), n_infeasible=len(cands) - len(feasible),
         n_measured=st.measured, n_failed=st.failed, n_reused=st.reused, model_loads=st.loads,
+        n_skipped=len(guide.reported) if guide is not None else 0,
         exhausted=stop in ("exhausted", "nothing_fits"), seconds=time.monotonic() - t0, stop_reason=stop,
     )
 

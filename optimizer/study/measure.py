@@ -18,19 +18,22 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from optimizer.allocator import AllocatorSetting, for_backend
-from optimizer.backends.base import Backend, Engine, LoadSpec
+from optimizer.backends.base import Backend, Engine, EvalProtocol, LoadSpec
 from optimizer.errors import EngineError, EngineOOMError
 from optimizer.evaldata import EvalText
 from optimizer.storage import first_line
 from optimizer.study.candidates import Candidate, base_attrs, measured_excess_gib
 from optimizer.study.spec import SearchSpec
-from optimizer.study.trials import CONSTRAINT, INTERRUPTED
+from optimizer.study.trials import CONSTRAINT, INTERRUPTED, PLACEHOLDER_VALUES
 from optimizer.variant import Variant
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
 
 BackendFactory = Callable[[Variant], Backend]
+#: Measures perplexity in place of ``Engine.perplexity`` (the guided search's window-by-window test); a result that
+#: is not a number (it has a ``reason``) means "dominated: stop measuring this configuration".
+PerplexityFn = Callable[[Engine, Sequence[int], EvalProtocol], Any]
 
 
 @dataclass
@@ -92,11 +95,13 @@ def _engine_for(variant: Variant, st: RunState, factory: BackendFactory) -> Engi
 
 def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpec, st: RunState,
             factory: BackendFactory, text: Callable[[], EvalText],
-            say: Callable[[str], None] = lambda phase: None) -> None:
+            say: Callable[[str], None] = lambda phase: None, perplexity: PerplexityFn | None = None) -> Any:
     """Load (or reuse), measure what is not memoized, tell. Engine failures fail only this trial.
 
     ``trial`` is stamped and marked (:func:`~optimizer.study.trials.mark_running`) by its caller.
     ``say(phase)`` reports the phase (loading, perplexity, speed) to the progress display.
+    ``perplexity`` replaces ``engine.perplexity``; when it returns a skip (not a number) the trial is told
+    ``status: skipped`` with its ``reason`` and placeholder values (not *done*), and the skip is returned.
 
     Raises:
         Exception: an unexpected error (a bug), after failing the trial with ``retry: true``.
@@ -125,7 +130,15 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
             say("perplexity")
             if cfg.variant.key not in st.tokens:
                 st.tokens[cfg.variant.key] = engine.tokenize(et.text)
-            value = float(engine.perplexity(tokens=st.tokens[cfg.variant.key], protocol=proto))
+            got = (engine.perplexity(tokens=st.tokens[cfg.variant.key], protocol=proto) if perplexity is None
+                   else perplexity(engine, st.tokens[cfg.variant.key], proto))
+            if not isinstance(got, (int, float)):
+                trial.set_user_attr("status", "skipped")
+                trial.set_user_attr("reason", str(getattr(got, "reason", got)))
+                trial.set_constraint(CONSTRAINT, 0.0)
+                study.tell(trial, list(PLACEHOLDER_VALUES))
+                return got
+            value = float(got)
             if not math.isfinite(value) or value <= 0:
                 raise EngineError(f"the engine returned an invalid perplexity ({value})")
             st.ppl[ppl_key] = value
@@ -151,7 +164,7 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
         study.tell(trial, state=TrialState.FAIL)
         st.done[cand.key] = {"config_key": cand.key, "values": None, "status": "failed", "reason": reason}
         st.failed += 1
-        return
+        return None
     except Exception as e:  # a bug (e.g. in a backend): fail this trial visibly, retry it next run, stop
         trial.set_user_attr("status", "failed")
         trial.set_user_attr("reason", f"error: {type(e).__name__}: {first_line(e)}")
@@ -177,3 +190,4 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
     study.tell(trial, values)
     st.done[cand.key] = dict(base_attrs(cand), **attrs, values=values, constraint=excess)
     st.measured += 1
+    return None

@@ -24,3 +24,4 @@ class SearchResult:
     exhausted: bool
     seconds: float
     stop_reason: str
+    n_skipped: int = 0  #: not measured by the guided search (dominated; stored with predictions and reason)

@@ -1,0 +1,151 @@
+"""The prediction-guided search (the default of ``exl2opt search``; ``--exhaustive`` measures everything).
+
+A :class:`Guide` wraps :class:`optimizer.schedule.Schedule` for the study loop: it predicts every feasible
+configuration (:class:`optimizer.predict.refit.SpacePredictor`), tells the loop which one to measure next, refits
+after each measurement and prunes configurations whose optimistic bound a measured point dominates. Perplexity is
+measured window by window (:meth:`Guide.perplexity`): windows are the same text for every configuration, so against
+the measured configuration that beats the candidate in tok/s and context with the lowest perplexity, a paired test
+settles "worse" after a few windows; the candidate is then skipped without its remaining windows and its speed test.
+Skipped configurations are stored as trials with ``status: skipped``, their predicted values and the reason; they are
+not *done* (:mod:`optimizer.study.trials`), so an ``--exhaustive`` run of the same study measures them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from optimizer.backends.base import Engine, EvalProtocol
+from optimizer.predict.refit import Observation, SpaceEntry, SpacePredictor
+from optimizer.schedule import Item, Measured, Schedule, Skipped, paired_decision
+from optimizer.study.candidates import Candidate, base_attrs
+from optimizer.study.spec import SearchSpec
+from optimizer.study.trials import CONSTRAINT, PLACEHOLDER_VALUES
+
+if TYPE_CHECKING:  # pragma: no cover
+    import optuna
+
+SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Returned by :meth:`Guide.perplexity` instead of a value: the configuration is dominated."""
+
+    reason: str
+
+
+def _group(c: Candidate, spec: SearchSpec) -> str:
+    """Configurations that share perplexity and speed: same variant, cache, split, speed fill and eval window."""
+    cfg = c.config
+    sp = spec.speed_protocol
+    fill = max(min(sp.context_fill, cfg.max_seq_len - sp.gen_tokens), 1)
+    win = spec.eval_protocol.fitted(cfg.max_seq_len).window
+    return f"{cfg.variant.key}|{cfg.cache}|{cfg.split.label}|fill={fill}|win={win}"
+
+
+@dataclass
+class Guide:
+    """The guided schedule of one run over the feasible candidates ``cands``."""
+
+    cands: Sequence[Candidate]
+    spec: SearchSpec
+    gpus: Sequence[str] = ()
+    margin: float = 0.01
+    windows: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        sp = self.spec.speed_protocol
+        self.by_key = {c.key: c for c in self.cands}
+        self.predictor = SpacePredictor([SpaceEntry(c.key, c.config, c.verdict) for c in self.cands], gpus=self.gpus,
+                                        fill=sp.context_fill)
+        first = self.predictor.refit()
+        items = [Item(key=c.key, load=f"{c.config.variant.key}|{c.config.split.label}", group=_group(c, self.spec),
+                      ctx=c.config.max_seq_len, ppl=first[c.key][0], tok_s=first[c.key][1]) for c in self.cands]
+        self.schedule = Schedule(items, predictor=self._refit, margin=self.margin)
+        self.reported: set[str] = set()
+
+    def _refit(self, ms: Sequence[Measured]) -> Any:
+        return self.predictor.refit([Observation(m.key, m.ppl, m.tok_s) for m in ms])
+
+    def next(self, free: Sequence[Candidate]) -> Candidate | None:
+        """The next configuration to measure among ``free`` (None: nothing left worth measuring)."""
+        allowed = {c.key for c in free}
+        for it in self.schedule.pending():
+            if it.key not in allowed:
+                self.schedule.drop(it.key)
+        nxt = self.schedule.next()
+        return self.by_key[nxt.key] if nxt is not None else None
+
+    def annotate(self, trial: Any, cand: Candidate) -> None:
+        """Store the current predictions on the trial about to be measured (reports show them next to the result)."""
+        it = self.schedule.item(cand.key)
+        for k, v in _predicted_attrs(it).items():
+            trial.set_user_attr(k, v)
+
+    def observe(self, cand: Candidate, record: dict[str, Any] | None, skip: Any = None) -> None:
+        """After the loop measured, failed or (paired test) skipped ``cand``: refit and prune."""
+        if skip is not None:  # the measure step told the trial as skipped already
+            self.schedule.skipped.append(Skipped(self.schedule.item(cand.key), str(getattr(skip, "reason", skip))))
+            self.reported.add(cand.key)
+        elif record and record.get("status") == "measured" and record.get("values"):
+            ppl, tok_s = float(record["values"][0]), float(record["values"][1])
+            self.schedule.record(Measured(cand.key, ppl, tok_s, self.windows.get(cand.key, ())))
+        else:
+            self.schedule.drop(cand.key)
+
+    def new_skips(self) -> list[Skipped]:
+        """Skipped configurations not yet written to the study."""
+        out = [s for s in self.schedule.skipped if s.item.key not in self.reported]
+        self.reported.update(s.item.key for s in out)
+        return out
+
+    def perplexity(self, cand: Candidate) -> Any:
+        """A perplexity function for the measure step: window by window, stopping early when dominated."""
+        ref_key = self.schedule.threshold_reference(self.schedule.item(cand.key))
+        ref = self.windows.get(ref_key, ()) if ref_key else ()
+
+        def run(engine: Engine, tokens: Sequence[int], proto: EvalProtocol) -> float | Skip:
+            one = replace(proto, n_windows=1)
+            w = proto.window
+            nll: list[float] = []
+            for i in range(proto.n_windows):
+                piece = tokens[i * w:(i + 1) * w]
+                if len(piece) < w:
+                    break
+                nll.append(math.log(float(engine.perplexity(tokens=piece, protocol=one))))
+                if ref:
+                    d = paired_decision(nll, ref)
+                    if d.settled and d.worse:
+                        self.windows[cand.key] = tuple(nll)
+                        return Skip(f"perplexity above measured {ref_key}'s on {d.n} shared windows (paired mean "
+                                    f"log-ppl +{d.mean_diff:.4f} +- {d.stderr:.4f}), which is also faster with as much "
+                                    "context: dominated")
+            if not nll:
+                return float(engine.perplexity(tokens=tokens, protocol=proto))
+            self.windows[cand.key] = tuple(nll)
+            return math.exp(sum(nll) / len(nll))
+
+        return run
+
+
+def _predicted_attrs(it: Item) -> dict[str, float]:
+    return {"predicted_ppl": it.ppl.value, "predicted_ppl_low": it.ppl.low, "predicted_ppl_high": it.ppl.high,
+            "predicted_gen_tok_s": it.tok_s.value, "predicted_gen_tok_s_low": it.tok_s.low,
+            "predicted_gen_tok_s_high": it.tok_s.high}
+
+
+def record_skipped(study: optuna.Study, skipped: Sequence[Skipped], by_key: dict[str, Candidate],
+                   dists: dict[str, Any]) -> None:
+    """Store each skipped configuration as a trial: ``status: skipped``, its predictions and the reason."""
+    import optuna
+
+    for s in skipped:
+        c = by_key.get(s.item.key)
+        if c is None:
+            continue
+        ua = dict(base_attrs(c), status=SKIPPED, reason=s.reason, **_predicted_attrs(s.item))
+        study.add_trial(optuna.trial.create_trial(params=c.params, distributions=dists, values=list(PLACEHOLDER_VALUES),
+                                                  user_attrs=ua, constraints={CONSTRAINT: 0.0}))

@@ -1,0 +1,43 @@
+"""The prediction-guided study loop (``exhaustive=False``): same front as measuring everything, fewer measurements,
+skipped configurations stored with predictions and reason, and an exhaustive rerun measures them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fake_engine import FakeBackend, fake_ppl, fake_speed
+from test_study import _front, _run, _spec, variants_dir  # noqa: F401  (fixture)
+
+from optimizer.study import build_space, open_study
+
+
+def _truth(spec) -> dict[str, tuple[float, float, float]]:
+    out = {}
+    for c in build_space(spec):
+        if c.verdict.fits:
+            fill = min(spec.speed_protocol.context_fill, c.config.max_seq_len - spec.speed_protocol.gen_tokens)
+            out[c.key] = (fake_ppl(c.config.variant, c.config.cache),
+                          fake_speed(c.config.variant, c.config.cache, "1gpu", fill)[1], float(c.config.max_seq_len))
+    return out
+
+
+def test_guided_finds_the_whole_front_with_fewer_measurements(variants_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    spec = _spec(variants_dir)
+    truth = _truth(spec)
+    be = FakeBackend()
+    res = _run(spec, tmp_path, be, exhaustive=False, gpus=("RTX 4090",))
+    study = open_study(study_name="s", storage_url=None, root=tmp_path / "studies", create=False)
+    measured = {t.user_attrs["config_key"] for t in study.trials if t.user_attrs.get("status") == "measured"}
+    skipped = [t for t in study.trials if t.user_attrs.get("status") == "skipped"]
+    assert _front(truth) <= measured  # recall 1.0
+    assert res.n_measured == len(measured) < len(truth)
+    assert res.n_skipped == len(skipped) == len(truth) - len(measured)
+    for t in skipped:
+        ua = t.user_attrs
+        assert ua["reason"] and ua["predicted_ppl_low"] <= ua["predicted_ppl"] <= ua["predicted_ppl_high"]
+        assert ua["predicted_gen_tok_s_low"] <= ua["predicted_gen_tok_s"] <= ua["predicted_gen_tok_s_high"]
+    assert {t.user_attrs["config_key"] for t in study.best_trials} == _front({k: truth[k] for k in measured})
+    # skipped is not done: an exhaustive rerun of the same study measures exactly the skipped ones
+    be2 = FakeBackend()
+    res2 = _run(spec, tmp_path, be2, exhaustive=True)
+    assert res2.n_measured == len(truth) - len(measured)
