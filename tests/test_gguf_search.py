@@ -28,7 +28,7 @@ pytestmark = [
 TESTS = Path(__file__).parent
 ARGS = ["--vram", "266MiB", "--overhead", "1MiB", "--ctx", "512,1024,2048,4096", "--cache", "f16,q8_0",
         "--min-ctx", "0", "--eval-windows", "2", "--eval-window", "256", "--speed-fill", "256",
-        "--study", "smol", "--backend-factory", "gguf_util:recording_backend_factory"]
+        "--study", "smol", "--backend-factory", "gguf_util:recording_backend_factory", "--exhaustive"]
 BUDGET_GIB = 265 * 2**20 / 2**30
 
 
