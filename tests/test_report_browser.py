@@ -29,7 +29,7 @@ STUDY = "smollm2-report"
 # two real quants (the shipped Q4_1 and a Q4_0 requantized from it) x 2 caches x 2 contexts; the budget
 # rejects both 4096-token f16 configurations (predicted 0.270 and 0.276 GiB of 0.260 GiB)
 SEARCH_ARGS = ["--vram", "266MiB", "--overhead", "1MiB", "--ctx", "512,4096", "--cache", "f16,q8_0", "--min-ctx", "0",
-               "--eval-windows", "2", "--eval-window", "256", "--speed-fill", "256", "--study", STUDY]
+               "--eval-windows", "2", "--eval-window", "256", "--speed-fill", "256", "--study", STUDY, "--exhaustive"]
 
 READ_DOM = """(() => {
   const all = q => Array.from(document.querySelectorAll(q));
