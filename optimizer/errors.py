@@ -102,5 +102,24 @@ class StorageError(Exl2optError):
     """The Optuna storage could not be opened or reached."""
 
 
+def storage_os_error(e: OSError, *, doing: str) -> StorageError:
+    """One line for an OS error while reading or writing a study, reports or caches: read-only,
+    full disk and permission denied are named as such (the path is shown, never a URL)."""
+    import errno
+
+    where = f" {e.filename}" if getattr(e, "filename", None) else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(f"cannot {doing}: no space left on the device{' of' + where if where else ''}; free some "
+                            "space and rerun (finished trials are kept)")
+    if e.errno == errno.EROFS:
+        return StorageError(f"cannot {doing}: {where.strip() or 'the study folder'} is on a read-only file system; "
+                            "use a writable folder (--studies-dir, or --out for report)")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return StorageError(f"cannot {doing}: permission denied for{where or ' the study folder'}")
+    if e.errno == errno.ENAMETOOLONG:
+        return StorageError(f"cannot {doing}: a file name is too long for the file system (use a shorter --study name)")
+    return StorageError(f"cannot {doing}: {e.strerror or type(e).__name__}{where}")
+
+
 class StudyError(Exl2optError):
     """The study cannot run as asked (no feasible configuration, mismatched study...)."""

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optimizer.errors import BadOptionError, StorageError
+from optimizer.errors import BadOptionError, StorageError, storage_os_error
+from optimizer.journal import set_aside_partial_record
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -114,11 +115,14 @@ def open_storage(*, study: str, url: str | None, root: Path = DEFAULT_ROOT, hear
         if url is None:
             d = study_dir(study=study, root=root)
             d.mkdir(parents=True, exist_ok=True)
+            set_aside_partial_record(d / JOURNAL_NAME)  # a crash or full disk left half a record
             return JournalStorage(JournalFileBackend(str(d / JOURNAL_NAME)))
         return optuna.storages.get_storage(url)
     except StorageError:
         raise
-    except Exception as e:  # OS errors, unknown schemes: one line, no URL (it may hold a password)
+    except OSError as e:  # read-only, full, permission: one line naming the file
+        raise storage_os_error(e, doing="open the study storage") from None
+    except Exception as e:  # unknown schemes, damaged records: one line, no URL (it may hold a password)
         raise StorageError(f"cannot open the study storage ({type(e).__name__}: {first_line(e)})") from None
 
 

@@ -14,7 +14,7 @@ import typer
 
 from optimizer import __version__
 from optimizer.cli._coerce import PlainGroup
-from optimizer.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, Exl2optError
+from optimizer.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, Exl2optError, storage_os_error
 from optimizer.textsafe import safe
 
 app = typer.Typer(
@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         print("exl2opt: aborted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except OSError as e:  # read-only or full disk, permission, name too long: one line (errors.storage_os_error)
+        if _DEBUG["on"]:
+            raise
+        err = storage_os_error(e, doing="continue")
+        print(f"exl2opt: error: {safe(err)}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except Exception as e:  # click usage errors and anything unexpected
         if _is_click_error(e):
             e.show()  # type: ignore[attr-defined]
