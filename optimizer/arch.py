@@ -212,9 +212,9 @@ def parse_arch(config: Mapping[str, Any]) -> ModelArch:
 
 
 def quant_bits(config: Mapping[str, Any]) -> tuple[float | None, int | None]:
-    """``bits`` and ``head_bits`` of an exl2 ``quantization_config`` block (None if absent)."""
+    """``bits`` and ``head_bits`` of an exl2 or EXL3 ``quantization_config`` block (None if absent)."""
     qc = config.get("quantization_config")
-    if not isinstance(qc, Mapping) or qc.get("quant_method") != "exl2":
+    if not isinstance(qc, Mapping) or qc.get("quant_method") not in ("exl2", "exl3"):
         return None, None
     b, hb = qc.get("bits"), qc.get("head_bits")
     bits = float(b) if isinstance(b, (int, float)) and not isinstance(b, bool) and 1 <= b <= 16 else None

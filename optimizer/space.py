@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from optimizer.errors import BadOptionError
-from optimizer.formats import RuntimeOptions, rules_for
+from optimizer.formats import RuntimeOptions, default_cache_modes, rules_for
 from optimizer.variant import Variant
 from optimizer.vram import Split, VramVerdict, place
 
@@ -104,9 +104,8 @@ def check_caches(variants: Sequence[Variant], caches: Iterable[str]) -> tuple[st
         bad = [c for c in caches if c not in allowed]
         if bad and (len(formats) == 1 or len(bad) == len(caches)
                     or any(all(c not in rules_for(f).CACHE_MODE_NAMES for f in formats) for c in bad)):
-            raise BadOptionError(
-                f"unknown cache mode {bad[0]!r} for {fmt} (choose from {', '.join(allowed)})"
-            )
+            choices = getattr(rules_for(fmt), "CACHE_MODE_HELP", ", ".join(allowed))
+            raise BadOptionError(f"unknown cache mode {bad[0]!r} for {fmt} (choose from {choices})")
     return caches
 
 
@@ -126,7 +125,7 @@ def enumerate_configs(
     for v in variants:
         rules = rules_for(v.format)
         ctxs = contexts or auto_contexts(rules.default_context(v), step=rules.context_step())
-        cms = tuple(c for c in caches if c in rules.CACHE_MODE_NAMES) if caches else rules.CACHE_MODE_NAMES
+        cms = tuple(c for c in caches if c in rules.CACHE_MODE_NAMES) if caches else default_cache_modes(rules)
         for cache in cms:
             for ctx in ctxs:
                 out.append(Configuration(variant=v, max_seq_len=int(ctx), cache=cache, split=split))

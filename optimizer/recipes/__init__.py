@@ -40,6 +40,7 @@ TOOLS: tuple[str, ...] = ("tabby", "webui", "script", "python", "llama.cpp")
 _REGISTRY: dict[str, str] = {
     "exl2": "optimizer.recipes.exl2",
     "gguf": "optimizer.recipes.gguf",
+    "exl3": "optimizer.recipes.exl3",
 }
 
 _TOOL_NAMES = {

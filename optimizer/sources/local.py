@@ -61,11 +61,18 @@ def bits_from_name(name: str) -> tuple[float | None, int | None]:
     return (bits if bits is not None and 1 <= bits <= 16 else None), head
 
 
+def quant_method(config: dict[str, Any]) -> str:
+    """The format a config.json declares: ``exl3`` for ``quantization_config.quant_method == "exl3"``,
+    else ``exl2`` (exl2 quants made before March 2024 carry no quantization_config at all)."""
+    qc = config.get("quantization_config")
+    return "exl3" if isinstance(qc, dict) and qc.get("quant_method") == "exl3" else "exl2"
+
+
 def variant_label(config: dict[str, Any], fallback: str) -> str:
-    """``3.0bpw-h6`` from an exl2 ``quantization_config`` or the name, else ``fallback`` (with any
+    """``3.0bpw-h6`` from an exl2/EXL3 ``quantization_config`` or the name, else ``fallback`` (with any
     control character shown as an escape: a label is printed and written everywhere)."""
     qc = config.get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") == "exl2":
+    if isinstance(qc, dict) and qc.get("quant_method") in ("exl2", "exl3"):
         bits, hb = qc.get("bits"), qc.get("head_bits")
         if isinstance(bits, (int, float)) and not isinstance(bits, bool) and 0 < bits <= 32:
             label = f"{float(bits):.2f}".rstrip("0").rstrip(".")
@@ -78,10 +85,13 @@ def variant_label(config: dict[str, Any], fallback: str) -> str:
     return strip_controls(fallback)
 
 
-def weight_files(names: list[str]) -> list[str]:
-    """The safetensors shards that hold weights (converter leftovers excluded)."""
+def weight_files(names: list[str], fmt: str = "exl2") -> list[str]:
+    """The safetensors shards that hold weights (converter leftovers excluded; EXL3: ``model*`` only)."""
     skip = ("hidden_states.safetensors", "cal_data.safetensors")
-    return sorted(n for n in names if n.endswith(".safetensors") and os.path.basename(n) not in skip)
+    out = sorted(n for n in names if n.endswith(".safetensors") and os.path.basename(n) not in skip)
+    if fmt == "exl3":
+        out = [n for n in out if os.path.basename(n).startswith("model")]
+    return out
 
 
 _DECODER_LAYER_RE = re.compile(r"(?:^|\.)layers\.\d+\.")
@@ -110,7 +120,8 @@ def variant_from_dir(path: Path) -> Variant:
     except OSError as e:
         raise ModelSourceError(f"{cfg_path}: cannot read ({e.strerror})") from None
     config = load_config_bytes(raw, name=str(path))
-    files = weight_files([p.name for p in path.iterdir() if p.is_file()])
+    fmt = quant_method(config)
+    files = weight_files([p.name for p in path.iterdir() if p.is_file()], fmt)
     if not files:
         raise ModelSourceError(f"{path}: no .safetensors weight files")
     by_name: dict[str, TensorInfo] = {}
@@ -125,7 +136,7 @@ def variant_from_dir(path: Path) -> Variant:
         bits, hb_name = bits_from_name(path.name)
         head_bits = head_bits if head_bits is not None else hb_name
     return Variant(
-        format="exl2",
+        format=fmt,
         label=variant_label(config, path.name),
         location=Location(kind="local", path=str(path), files=tuple(files)),
         config=config,
