@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exl3_stubs import import_exllamav3
+from exl3_stubs import active, import_exllamav3
 
 from optimizer.formats.exl3_synth import MUL1_MARKER, quantization_config, synthesize
 from optimizer.safetensors_header import DTYPE_BYTES
@@ -91,10 +91,11 @@ def oracle_load(path: Path, *, prefix: str = "") -> Exl3Oracle:
     from exllamav3.loader import safetensors as st
 
     threads = torch.get_num_threads()
-    config = exl3.Config.from_directory(str(path), load_method="python")
-    model = exl3.Model.from_config(config)
-    storage = model.get_storage_info()  # from the headers, before loading
-    model.load(device="cpu")
+    with active():
+        config = exl3.Config.from_directory(str(path), load_method="python")
+        model = exl3.Model.from_config(config)
+        storage = model.get_storage_info()  # from the headers, before loading
+        model.load(device="cpu")
     torch.set_num_threads(threads)
     shared = {id(t) for t in st._codebook_markers.values()}
     mods: dict[str, int] = {}
@@ -121,12 +122,13 @@ def oracle_cache_bytes(om: Exl3Oracle, *, tokens: int, k_bits: int | None = None
     exl3 = import_exllamav3()
     from exllamav3.cache import CacheLayer_fp16, CacheLayer_quant
 
-    fresh = exl3.Model.from_config(om.config)
-    if k_bits is None:
-        cache = exl3.Cache(fresh, max_num_tokens=tokens, layer_type=CacheLayer_fp16)
-    else:
-        cache = exl3.Cache(fresh, max_num_tokens=tokens, layer_type=CacheLayer_quant, k_bits=k_bits, v_bits=v_bits)
-    total = sum(int(layer.storage_size()) for layer in cache.layers.values())
+    with active():
+        fresh = exl3.Model.from_config(om.config)
+        if k_bits is None:
+            cache = exl3.Cache(fresh, max_num_tokens=tokens, layer_type=CacheLayer_fp16)
+        else:
+            cache = exl3.Cache(fresh, max_num_tokens=tokens, layer_type=CacheLayer_quant, k_bits=k_bits, v_bits=v_bits)
+        total = sum(int(layer.storage_size()) for layer in cache.layers.values())
     rec = getattr(cache, "recurrent_layers", None) or {}
     assert not rec, "recurrent state layers are not expected for the supported architectures"
     return total

@@ -17,10 +17,12 @@ Everything here is a stand-in for tests; nothing in ``optimizer/`` imports it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import sys
 import types
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -72,6 +74,17 @@ class _Permissive:
         return (object,)
 
 
+def _module_getattr(make: Any) -> Any:
+    """A PEP 562 ``__getattr__`` that answers every name except dunders (``inspect`` probes ``__file__``)."""
+
+    def getattr_(item: str) -> Any:
+        if item.startswith("__") and item.endswith("__"):
+            raise AttributeError(item)
+        return make(item)
+
+    return getattr_
+
+
 class _TritonFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Serves ``triton`` and ``triton.*`` as permissive modules."""
 
@@ -83,7 +96,7 @@ class _TritonFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec: Any) -> Any:
         mod = types.ModuleType(spec.name)
         mod.__path__ = []  # type: ignore[attr-defined]
-        mod.__getattr__ = lambda item: _Permissive(f"{spec.name}.{item}")  # type: ignore[attr-defined]
+        mod.__getattr__ = _module_getattr(lambda item: _Permissive(f"{spec.name}.{item}"))  # type: ignore[attr-defined]
         mod.jit = lambda *a, **k: a[0] if a and callable(a[0]) else (lambda f: f)  # type: ignore[attr-defined]
         return mod
 
@@ -100,22 +113,52 @@ def install() -> None:
             "exllamav3_ext", importlib.machinery.ExtensionFileLoader("exllamav3_ext", origin), origin=origin
         )
         ext.__file__ = origin
-        ext.__getattr__ = lambda item: StubExtCall(item)  # type: ignore[attr-defined]
+        ext.__getattr__ = _module_getattr(StubExtCall)  # type: ignore[attr-defined]
         sys.modules["exllamav3_ext"] = ext
     if not any(isinstance(f, _TritonFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _TritonFinder())
 
 
+_HIDDEN: dict[str, Any] = {}
+
+
+def _hide_triton() -> None:
+    """Take the triton stand-in away between exllamav3 calls: other code in the same process (torch,
+    exllamav2) probes for triton and must keep seeing that it is absent."""
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _TritonFinder)]
+    for name in [n for n in sys.modules if n == "triton" or n.startswith("triton.")]:
+        _HIDDEN[name] = sys.modules.pop(name)
+
+
+@contextlib.contextmanager
+def active() -> Iterator[None]:
+    """The triton stand-in in place for the duration (exllamav3 imports some modules lazily)."""
+    install()
+    sys.modules.update(_HIDDEN)
+    try:
+        yield
+    finally:
+        _hide_triton()
+
+
 def import_exllamav3() -> Any:
-    """``import exllamav3`` behind the stubs; skips the calling test when it is not installed."""
+    """``import exllamav3`` (and the submodules the oracle uses) behind the stubs; skips the calling
+    test when it is not installed."""
     import pytest
 
     pytest.importorskip("torch")
+    if "exllamav3" in sys.modules:
+        return sys.modules["exllamav3"]
     install()
     import torch
 
     threads = torch.get_num_threads()
     try:
-        return pytest.importorskip("exllamav3")
+        exl3 = pytest.importorskip("exllamav3")
+        import exllamav3.cache
+        import exllamav3.conversion.quant_config
+        import exllamav3.loader.safetensors  # noqa: F401
+        return exl3
     finally:
+        _hide_triton()
         torch.set_num_threads(threads)

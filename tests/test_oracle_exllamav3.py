@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from exl3_oracle import Exl3Oracle, oracle_cache_bytes, oracle_load, write_exl3_dir
-from exl3_stubs import import_exllamav3
+from exl3_stubs import active, import_exllamav3
 from oracle_util import REAL_CONFIGS, tiny_config, tiny_gemma3_config
 
 from optimizer.arch import parse_arch
@@ -122,7 +122,8 @@ def test_quantization_config_json_lists_the_loaded_tensors(root: Path, monkeypat
     orig = exl3.Config.from_directory
     monkeypatch.setattr(quant_config.Config, "from_directory",
                         staticmethod(lambda p, **kw: orig(p, load_method="python", **kw)))
-    quant_config.create_quantization_config_json(str(d))
+    with active():
+        quant_config.create_quantization_config_json(str(d))
     doc = json.loads((d / "quantization_config.json").read_text())
     arch = parse_arch(json.loads((d / "config.json").read_text()))
     from_qc = group_modules(arch, tensors_from_quantization_config(doc))
@@ -137,6 +138,11 @@ REAL = {k: REAL_CONFIGS[k] for k in ("Llama-3-8B", "Qwen2.5-32B", "Mixtral-8x7B"
 
 @pytest.mark.parametrize("name", sorted(REAL))
 def test_real_size_modules_match_the_library_header_accounting(root: Path, name: str) -> None:
+    with active():
+        _real_size(root, name)
+
+
+def _real_size(root: Path, name: str) -> None:
     exl3 = import_exllamav3()
     cfg = dict(REAL[name])
     if cfg["architectures"] == ["Gemma2ForCausalLM"]:
