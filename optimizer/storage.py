@@ -34,13 +34,20 @@ if TYPE_CHECKING:  # pragma: no cover
 DEFAULT_ROOT = Path("studies")
 JOURNAL_NAME = "journal.log"
 VARIANTS_NAME = "variants.json"
+#: Longest study name, in UTF-8 bytes (file systems allow 255 per name; reports add suffixes).
+MAX_STUDY_NAME_BYTES = 200
 
 
 def study_dir(*, study: str, root: Path = DEFAULT_ROOT) -> Path:
     """The directory of ``study`` (not created)."""
+    from optimizer.textsafe import safe
+
+    if len(study.encode("utf-8", "surrogatepass")) > MAX_STUDY_NAME_BYTES:
+        raise StorageError(f"invalid study name {safe(repr(study[:40]))}...: {len(study.encode('utf-8', 'surrogatepass'))} "
+                           f"bytes in UTF-8, at most {MAX_STUDY_NAME_BYTES} (it names a folder)")
     if (not study or "/" in study or "\\" in study or study in (".", "..")
-            or any(ord(ch) < 32 for ch in study) or len(study) > 200):
-        raise StorageError(f"invalid study name {study!r}: use letters, digits, '-', '_' and '.'")
+            or any(ord(ch) < 32 or 0x7F <= ord(ch) <= 0x9F for ch in study)):
+        raise StorageError(f"invalid study name {safe(repr(study))}: use letters, digits, '-', '_' and '.'")
     return root / study
 
 

@@ -60,34 +60,49 @@ def parse_size(text: str, *, allow_zero: bool = False) -> int:
     """
     if not isinstance(text, str):
         raise SizeParseError(f"invalid size {text!r}: expected text such as 15GB or 16GiB")
+    shown = shown_value(text)
     m = _SIZE_RE.match(text)
     if not m:
         raise SizeParseError(
-            f"invalid size {text!r}: expected a number and a unit such as 15GB, 15GiB or 15000MiB"
+            f"invalid size {shown}: expected a number and a unit such as 15GB, 15GiB or 15000MiB"
         )
     number, unit = m.group(1), m.group(2).lower()
     if unit not in _UNITS:
         raise SizeParseError(
-            f"invalid size {text!r}: unknown unit {m.group(2)!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            f"invalid size {shown}: unknown unit {shown_value(m.group(2))} (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
         )
+    if len(number.split(".")[0].lstrip("0")) > 20:  # more digits than any size below the cap
+        raise SizeParseError(f"invalid size {shown}: larger than 1 PiB")
     value = float(number) * _UNITS[unit]
     if allow_zero and value == 0:
         return 0
-    if not math.isfinite(value) or value <= 0:
-        raise SizeParseError(f"invalid size {text!r}: must be greater than zero")
     if value > MAX_SIZE:
-        raise SizeParseError(f"invalid size {text!r}: larger than 1 PiB")
+        raise SizeParseError(f"invalid size {shown}: larger than 1 PiB")
+    if not math.isfinite(value) or value <= 0:
+        raise SizeParseError(f"invalid size {shown}: must be greater than zero")
     result = int(round(value))
     if result <= 0:
-        raise SizeParseError(f"invalid size {text!r}: must be at least one byte")
+        raise SizeParseError(f"invalid size {shown}: must be at least one byte")
     return result
+
+
+def shown_value(text: str, limit: int = 40) -> str:
+    """``repr(text)`` cut to about ``limit`` characters, for error lines about option values."""
+    r = repr(text)
+    return r if len(r) <= limit else f"{r[:limit - 8]}...' ({len(text)} characters)"
+
+
+#: Most entries in a per-GPU list (as ``--gpus``).
+MAX_DEVICES = 64
 
 
 def parse_sizes(text: str, *, allow_zero: bool = False) -> tuple[int, ...]:
     """Parse a comma-separated per-GPU list (``24GB,24GB``) into bytes per device."""
-    parts = [p for p in text.split(",")]
+    parts = text.split(",", MAX_DEVICES)
+    if len(parts) > MAX_DEVICES:
+        raise SizeParseError(f"invalid size list {shown_value(text)}: more than {MAX_DEVICES} GPUs")
     if not parts or any(not p.strip() for p in parts):
-        raise SizeParseError(f"invalid size list {text!r}: expected e.g. 24GB or 24GB,24GB")
+        raise SizeParseError(f"invalid size list {shown_value(text)}: expected e.g. 24GB or 24GB,24GB")
     return tuple(parse_size(p, allow_zero=allow_zero) for p in parts)
 
 

@@ -6,6 +6,8 @@ Each helper turns raw option text into a frozen library object or raises a typed
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
@@ -16,6 +18,18 @@ if TYPE_CHECKING:  # the library is imported by the functions below, not at star
     from optimizer.sources import HubOptions
     from optimizer.space import Budget
     from optimizer.vram import Split
+
+
+def in_range(option: str, lo: int, hi: int) -> Callable[[Optional[int]], Optional[int]]:
+    """A typer callback refusing an integer option outside ``[lo, hi]`` with one line (exit 2)."""
+    def check(value: Optional[int]) -> Optional[int]:
+        if value is not None and not lo <= value <= hi:
+            shown = value if abs(value) < 10**15 else ("a larger number" if value > 0 else "a smaller number")
+            raise BadOptionError(f"{option} must be between {lo} and {hi}, got {shown}")
+        return value
+
+    return check
+
 
 ModelOpt = typer.Option(..., "--model", "-m", help="Local dir, dir of variant dirs, or Hub repo (org/name[@revision]). Repeatable.")
 VramOpt = typer.Option(..., "--vram", help="VRAM per GPU: 15GB (10^9 B), 15GiB (2^30 B), 15000MiB, or a per-GPU list 24GB,24GB.")
@@ -38,16 +52,28 @@ CtxOpt = typer.Option(
 )
 CacheOpt = typer.Option(None, "--cache", help="Cache modes, comma-separated (exl2: fp16,fp8,q8,q6,q4). Default: all.")
 OverheadOpt = typer.Option(None, "--overhead", help="CUDA context + allocator overhead per GPU (default 400MiB for exl2).")
-ChunkOpt = typer.Option(2048, "--chunk", help="Prompt chunk length in tokens (ExLlamaV2 max_input_len).")
-BatchOpt = typer.Option(1, "--batch", help="Batch size (cache batch and config.max_batch_size).")
+ChunkOpt = typer.Option(2048, "--chunk", help="Prompt chunk length in tokens (ExLlamaV2 max_input_len).",
+                        callback=in_range("--chunk", 1, 1 << 20))
+BatchOpt = typer.Option(1, "--batch", help="Batch size (cache batch and config.max_batch_size).",
+                        callback=in_range("--batch", 1, 4096))
 FlashOpt = typer.Option(
     False, "--flash-attn/--no-flash-attn", help="Assume flash-attention (Ampere+). Without it (e.g. T4), SDPA copies K/V per head."
 )
 OfflineOpt = typer.Option(False, "--offline", help="Use only cached Hub metadata; no network.")
-def _check_n_gpu_layers(value: Optional[int]) -> Optional[int]:
-    if value is not None and not 0 <= value <= 100000:
-        raise BadOptionError(f"--n-gpu-layers must be 0 or more, got {value}")
-    return value
+#: llama.cpp's own limit is the layer count + 1; more than this is a typo, not a model.
+MAX_GPU_LAYERS = 100000
+_check_n_gpu_layers = in_range("--n-gpu-layers", 0, MAX_GPU_LAYERS)
+
+
+def check_output_file(path: Optional[Path], *, option: str) -> None:
+    """Refuse an output path that is a directory (or under a file) before any work is done."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise BadOptionError(f"{option} {path} is a directory; give a file name such as {path / 'plan.csv'}")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise BadOptionError(f"{option} {path}: {parent} is a file, not a directory")
 
 
 NGpuLayersOpt = typer.Option(
@@ -78,18 +104,24 @@ def split_from(*, gpus: Optional[int], gpu_split: Optional[str], budget: Budget,
         raise BadOptionError("--reserve applies to autosplit only, not to a --gpu-split")
     n_listed = len(budget.per_device)
     if gpu_split is not None:
+        from optimizer.units import MAX_DEVICES, shown_value
+
+        shown = shown_value(gpu_split)
+        items = gpu_split.split(",", MAX_DEVICES)
+        if len(items) > MAX_DEVICES:
+            raise BadOptionError(f"invalid --gpu-split {shown}: more than {MAX_DEVICES} GPUs (as --gpus)")
         try:
-            parts = tuple(float(x) for x in gpu_split.split(","))
+            parts = tuple(float(x) for x in items)
         except ValueError:
-            raise BadOptionError(f"invalid --gpu-split {gpu_split!r}: expected GiB per GPU, e.g. 10,15") from None
+            raise BadOptionError(f"invalid --gpu-split {shown}: expected GiB per GPU, e.g. 10,15") from None
         if not parts or any(not (0 < p < 100000) for p in parts):
-            raise BadOptionError(f"invalid --gpu-split {gpu_split!r}: every entry must be a positive number of GiB")
+            raise BadOptionError(f"invalid --gpu-split {shown}: every entry must be a positive number of GiB below 100000")
         if n_listed not in (1, len(parts)):
             raise BadOptionError(f"--vram lists {n_listed} GPUs but --gpu-split lists {len(parts)}")
         return Split(mode="manual", gpu_split=parts)
     n = gpus if gpus is not None else n_listed
     if n < 1 or n > 64:
-        raise BadOptionError(f"--gpus must be between 1 and 64, got {n}")
+        raise BadOptionError(f"--gpus must be between 1 and 64, got {n if abs(n) < 10**12 else 'a larger number'}")
     if n_listed not in (1, n):
         raise BadOptionError(f"--vram lists {n_listed} GPUs but --gpus is {n}")
     if reserve is not None and n == 1:
@@ -108,17 +140,24 @@ def parse_contexts(text: str) -> Optional[tuple[int, ...]]:
     """``auto`` -> None; ``4096,8k,32K`` -> (4096, 8192, 32768)."""
     if text.strip().lower() == "auto":
         return None
+    from optimizer.units import shown_value
+
     out = []
-    for part in text.split(","):
+    parts = text.split(",", 256)
+    if len(parts) > 256:
+        raise BadOptionError(f"invalid --ctx {shown_value(text)}: more than 256 context lengths")
+    for part in parts:
         p = part.strip().lower()
         mult = 1024 if p.endswith("k") else 1
         p = p[:-1] if p.endswith("k") else p
+        if len(p) > 12:
+            raise BadOptionError(f"invalid --ctx value {shown_value(part)}: must be between 1 and 67108864 tokens")
         try:
             n = int(p) * mult
         except ValueError:
-            raise BadOptionError(f"invalid --ctx {text!r}: expected token counts such as 4096,8192 or 'auto'") from None
+            raise BadOptionError(f"invalid --ctx {shown_value(text)}: expected token counts such as 4096,8192 or 'auto'") from None
         if not 1 <= n <= 1 << 26:
-            raise BadOptionError(f"invalid --ctx value {part!r}: must be between 1 and 67108864 tokens")
+            raise BadOptionError(f"invalid --ctx value {shown_value(part)}: must be between 1 and 67108864 tokens")
         out.append(n)
     return tuple(sorted(set(out)))
 
@@ -127,9 +166,11 @@ def parse_caches(text: Optional[str]) -> Optional[tuple[str, ...]]:
     """``fp16,q4`` -> ("fp16", "q4"); None keeps every mode of the format."""
     if text is None:
         return None
-    parts = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    parts = tuple(dict.fromkeys(p.strip().lower() for p in text.split(",") if p.strip()))  # once each, in order
     if not parts:
         raise BadOptionError("--cache is empty")
+    if len(parts) > 64:
+        raise BadOptionError("--cache lists more than 64 cache modes")
     return parts
 
 

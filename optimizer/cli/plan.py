@@ -73,6 +73,7 @@ def plan(
     from optimizer.tables import breakdown_json, plan_record, text_table, to_csv, to_json
     from optimizer.textsafe import safe
 
+    c.check_output_file(csv_path, option="--csv")
     budget = c.budget_from(vram=vram, overhead=overhead)
     split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget, reserve=reserve)
     contexts = c.parse_contexts(ctx)
@@ -171,6 +172,7 @@ def fit(
     from optimizer.textsafe import safe
 
     chosen = parse_recipe_option(recipe_opt)
+    c.check_output_file(csv_path, option="--csv")
     budget = c.budget_from(vram=vram, overhead=overhead)
     split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget, reserve=reserve)
     caches = c.parse_caches(cache)
