@@ -153,18 +153,18 @@ def scan_header(raw: bytes, *, name: str, max_tensors: int, count_only: bool = F
         fast = _FAST_ENTRY.match
         while True:
             m = fast(text, s.pos)
-            if m is not None and m.group(1) != "__metadata__":
-                key = m.group(1)
-                if not count_only:
-                    if key in seen:
-                        raise s.fail(f"key {key[:80]!r} appears twice")
-                    seen.add(key)
+            if m is not None and not text.startswith('"__metadata__"', m.start(1) - 1):
                 n += 1
                 if n > max_tensors:
                     raise WeightsHeaderError(f"{name}: safetensors header lists more than {max_tensors} tensors")
                 s.pos = m.end()
-                dims = m.group(3)
-                yield key, m.group(2), [int(x) for x in dims.split(",")] if dims else [], [int(m.group(4)), int(m.group(5))]
+                if not count_only:  # the counting pass builds nothing per entry
+                    key = m.group(1)
+                    if key in seen:
+                        raise s.fail(f"key {key[:80]!r} appears twice")
+                    seen.add(key)
+                    dims = m.group(3)
+                    yield key, m.group(2), [int(x) for x in dims.split(",")] if dims else [], [int(m.group(4)), int(m.group(5))]
                 if not s.more():
                     break
                 continue

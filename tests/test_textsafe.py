@@ -86,3 +86,13 @@ def test_error_lines_escape_controls(bad, tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert not any(c in r.stderr.rstrip("\n") for c in CONTROLS)
+
+
+def test_report_with_a_password_in_the_query_never_prints_it():
+    """The red-team case: ``report --storage 'postgresql+psycopg://u@host/db?password=s3cret'``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "optimizer", "report", "s", "--storage",
+                        "postgresql+psycopg://u:pw1@127.0.0.1:1/db?password=s3cret"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1
+    assert "s3cret" not in r.stdout + r.stderr and "pw1" not in r.stdout + r.stderr and "password=***" in r.stderr

@@ -184,6 +184,7 @@ def _from_hub(*, spec: RepoSpec, options: HubOptions, cache: MetaCache, skipped:
         todo = [(str(r["name"]), r["commit"]) for r in refs if r["kind"] == "branch"]
     variants: list[Variant] = []
     first_error: ModelConfigError | None = None
+    n_bad = 0
     for rev, commit in todo:
         cached = cache.load_snapshot_by_commit(repo, commit)
         found = _variants_or_none(cached, repo_id=repo, revision=rev, commit=commit) if cached is not None else None
@@ -196,16 +197,18 @@ def _from_hub(*, spec: RepoSpec, options: HubOptions, cache: MetaCache, skipped:
                 if spec.revision is not None:
                     raise
                 first_error = first_error or e
+                n_bad += 1
                 skipped.append(str(e))
-                _log.warning("exl2opt: warning: skipping %s", safe(e))
                 continue
             cache.save_snapshot(repo, revision=rev, commit=commit, variants=docs)
         else:
             cache.save_snapshot(repo, revision=rev, commit=commit, variants=cached or [])
         variants.extend(found)
-    if not variants and first_error is not None:
-        more = f" (and {len(skipped) - 1} more malformed branch(es))" if len(skipped) > 1 else ""
+    if not variants and first_error is not None:  # one line: the error, not a warning per branch first
+        more = f" (and {n_bad - 1} more malformed branch(es))" if n_bad > 1 else ""
         raise type(first_error)(f"{first_error}{more}") from None
+    for note in skipped:  # only when something usable was found: the run goes on without these
+        _log.warning("exl2opt: warning: %s", safe(note if "ignored" in note else f"skipping {note}"))
     return _finish(variants, spec=spec)
 
 
@@ -219,7 +222,6 @@ def _checked_refs(repo: str, listed: Sequence[tuple[str, object, object]], *,
         if why is not None:
             note = f"{repo}: {kind} {safe(repr(name))[:120]} ignored: {why}"
             skipped.append(note)
-            _log.warning("exl2opt: warning: %s", note)
             continue
         refs.append({"name": str(name), "kind": kind, "commit": str(commit) if is_commit(commit) else None})
     return refs
@@ -255,7 +257,6 @@ def _fetch_revision(*, api: HfApi, repo_id: str, revision: str, commit: str | No
     if bad:
         note = f"{repo_id}@{revision}: {len(bad)} file(s) with unsafe names ignored, e.g. {safe(repr(bad[0]))}"
         skipped.append(note)
-        _log.warning("exl2opt: warning: %s", note)
     sizes = {p: listed[p] for p in good}
     headers = build_hf_headers(token=options.token or None, library_name="exl2opt")
     dirs = sorted({os.path.dirname(p) for p in sizes if os.path.basename(p) == "config.json"})
