@@ -212,11 +212,8 @@ def parse_arch(config: Mapping[str, Any]) -> ModelArch:
 
 
 def quant_bits(config: Mapping[str, Any]) -> tuple[float | None, int | None]:
-    """``bits`` and ``head_bits`` of an exl2 or EXL3 ``quantization_config`` block (None if absent)."""
-    qc = config.get("quantization_config")
-    if not isinstance(qc, Mapping) or qc.get("quant_method") not in ("exl2", "exl3"):
-        return None, None
-    b, hb = qc.get("bits"), qc.get("head_bits")
-    bits = float(b) if isinstance(b, (int, float)) and not isinstance(b, bool) and 1 <= b <= 16 else None
-    head = int(hb) if isinstance(hb, (int, float)) and not isinstance(hb, bool) and 1 <= hb <= 16 else None
-    return bits, head
+    """``bits`` and ``head_bits`` of a quant format's ``quantization_config`` block (None if absent);
+    which ``quant_method`` values count is the formats registry's business."""
+    from optimizer.formats import quant_bits as registered
+
+    return registered(config)

@@ -1,6 +1,6 @@
 """Rows for tables, CSV and JSON: plan rows, fit rows. Bytes stay ints; GiB columns are for reading.
 
-``run_recipe`` / ``load_call`` (the ExLlamaV2 Python line) live in ``optimizer.recipes.exl2``.
+The ``run`` column is the format's one-line Python recipe (``optimizer.recipes.run_line``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from optimizer.recipes.exl2 import run_recipe
+from optimizer.recipes import run_line
 from optimizer.space import FitResult, PlanRow
 from optimizer.units import GIB
 from optimizer.vram import VramVerdict
@@ -89,9 +89,10 @@ def fit_record(f: FitResult, *, batch_size: int = 1, chunk_len: int | None = Non
     }
     if f.verdict is not None and f.max_seq_len is not None:
         rec.update({"total_gib": _gib(f.verdict.total), "headroom_gib": _gib(f.verdict.headroom)})
-        rec["run"] = run_recipe(
+        line = run_line(f.variant.format)
+        rec["run"] = line(
             cache=f.cache, max_seq_len=f.max_seq_len, split=f.split, batch_size=batch_size, chunk_len=chunk_len,
-        ) if f.variant.format == "exl2" else ""
+        ) if line is not None else ""
     else:
         rec.update({"total_gib": None, "headroom_gib": None, "run": ""})
     return rec

@@ -86,7 +86,8 @@ class Variant:
     """One quantized variant (one bpw branch, one repo, one directory or one GGUF file).
 
     Attributes:
-        format: ``"exl2"`` or ``"gguf"``; selects the memory rules and the backend.
+        format: a name registered in ``optimizer.formats.FORMATS`` (``exl2``, ``exl3``, ``gguf``);
+            selects the memory rules, the recipes and the backend.
         label: short human label, e.g. ``"3.0bpw-h6"`` or ``"Q4_0"``.
         location: where it lives (see :class:`Location`).
         config: the model config as a plain JSON-like dict (config.json for exl2).

@@ -2,8 +2,8 @@
 
 :func:`backend_for` picks a backend by name, or with ``"auto"`` by the variant's format
 (``exl2`` -> ``exllamav2``, ``gguf`` -> ``llamacpp``). Adding an engine is one module with a
-``make_backend()`` function returning a :class:`~optimizer.backends.base.Backend`, plus one line in
-each table below.
+``make_backend()`` function returning a :class:`~optimizer.backends.base.Backend`, one line in
+:data:`BACKEND_MODULES`, and its name as ``backend`` of the format in ``optimizer.formats.FORMATS``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import importlib
 
 from optimizer.backends.base import Backend
 from optimizer.errors import BadOptionError
+from optimizer.formats import FORMATS
 from optimizer.variant import Variant
 
 #: backend name -> module holding ``make_backend()``
@@ -19,8 +20,8 @@ BACKEND_MODULES: dict[str, str] = {
     "exllamav2": "optimizer.backends.exllamav2",
     "llamacpp": "optimizer.backends.llamacpp",
 }
-#: variant format -> default backend name
-FORMAT_BACKENDS: dict[str, str] = {"exl2": "exllamav2", "gguf": "llamacpp"}
+#: variant format -> default backend name (``FormatSpec.backend`` in the formats registry)
+FORMAT_BACKENDS: dict[str, str] = {f.name: f.backend for f in FORMATS.values() if f.backend}
 BACKEND_CHOICES = ("auto", *BACKEND_MODULES)
 
 

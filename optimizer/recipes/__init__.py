@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import os
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -37,11 +38,6 @@ from optimizer.vram import Split
 #: Every tool name ``--recipe`` accepts (besides ``auto`` and ``all``).
 TOOLS: tuple[str, ...] = ("tabby", "webui", "script", "python", "llama.cpp")
 
-_REGISTRY: dict[str, str] = {
-    "exl2": "optimizer.recipes.exl2",
-    "gguf": "optimizer.recipes.gguf",
-    "exl3": "optimizer.recipes.exl3",
-}
 
 _TOOL_NAMES = {
     "tabby": "TabbyAPI", "webui": "text-generation-webui", "script": "the engine's example script",
@@ -208,8 +204,19 @@ def split_from_label(label: str, *, reserve_bytes: tuple[int, ...] = ()) -> Spli
 
 
 def _module(fmt: str) -> ModuleType | None:
-    name = _REGISTRY.get(fmt)
-    return importlib.import_module(name) if name else None
+    """The recipe module of ``fmt`` (``FormatSpec.recipes`` in the formats registry), if any."""
+    from optimizer.formats import FORMATS
+
+    spec = FORMATS.get(fmt)
+    return importlib.import_module(spec.recipes) if spec is not None and spec.recipes else None
+
+
+def run_line(fmt: str) -> Callable[..., str] | None:
+    """The format's one-line Python recipe ``run_recipe(*, cache, max_seq_len, split, batch_size,
+    chunk_len)`` (fit's ``run`` column), or None when the format has none."""
+    mod = _module(fmt)
+    fn = getattr(mod, "run_recipe", None) if mod is not None else None
+    return fn if callable(fn) else None
 
 
 def tools_for(fmt: str) -> tuple[str, ...]:

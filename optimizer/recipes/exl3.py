@@ -38,6 +38,14 @@ def load_call(split: Split, chunk_len: int) -> str:
     return f"model.load({chunk})"
 
 
+def run_recipe(*, cache: str, max_seq_len: int, split: Split, batch_size: int = 1, chunk_len: int | None = None) -> str:
+    """The configuration as one line of Python (after the imports): config, model, cache, load."""
+    del batch_size  # one cache pool serves every sequence (``max_num_tokens``)
+    return (f"config = Config.from_directory(model_dir); model = Model.from_config(config); "
+            f"cache = Cache(model, max_num_tokens={max_seq_len}, {cache_mode(cache).layer_call()}); "
+            f"{load_call(split, chunk_len or 2048)}")
+
+
 def python(spec: RunSpec) -> Recipe:
     """Python lines: allocator setting, imports, config, the cache before the load."""
     mode = cache_mode(spec.cache)
@@ -79,4 +87,4 @@ NOT_AVAILABLE = {
     "webui": "text-generation-webui's EXL3 options are not checked by exl2opt yet; see the Python recipe",
 }
 
-__all__ = ["RECIPES", "DEFAULT", "SHELL_TOOL", "NOT_AVAILABLE", "python", "script", "load_call"]
+__all__ = ["RECIPES", "DEFAULT", "SHELL_TOOL", "NOT_AVAILABLE", "python", "script", "load_call", "run_recipe"]

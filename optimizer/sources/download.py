@@ -21,12 +21,13 @@ import tempfile
 from pathlib import Path
 
 from optimizer.errors import EngineError, Exl2optError
+from optimizer.formats import LEFTOVERS, format_spec
 from optimizer.sources.names import is_commit, path_problem, revision_problem
 from optimizer.textsafe import safe
 from optimizer.variant import Variant
 
 #: Converter leftovers that a model load never reads.
-_SKIP = ("hidden_states.safetensors", "cal_data.safetensors")
+_SKIP = LEFTOVERS
 _CHUNK = 8 * 2**20
 
 
@@ -87,7 +88,7 @@ def _download(variant: Variant) -> str:
         raise EngineError(f"{safe(variant.source)}: refusing to download: unsafe sub-folder {safe(repr(sub))}")
     listed = {e.path: int(e.size) for e in HfApi(endpoint=endpoint, token=token, library_name="exl2opt")
               .list_repo_tree(repo, revision=pin, recursive=True) if isinstance(e, RepoFile)}
-    if variant.format == "gguf":
+    if format_spec(variant.format).layout == "files":
         wanted = [f"{sub}/{f}" if sub else f for f in loc.files]
         missing = [w for w in wanted if w not in listed]
         if not wanted or missing:
@@ -102,7 +103,7 @@ def _download(variant: Variant) -> str:
             raise EngineError(f"{safe(variant.source)}: refusing to download {safe(repr(path))}: it {why}")
         _fetch(url=file_url(endpoint=endpoint, repo_id=repo, path=path, revision=pin), headers=headers,
                dest=root / path, size=listed[path])
-    if variant.format == "gguf":
+    if format_spec(variant.format).layout == "files":
         return str(root / wanted[0])
     return str(root / sub) if sub else str(root)
 

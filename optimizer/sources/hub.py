@@ -1,10 +1,11 @@
 """Variants from the Hugging Face Hub, from metadata only (never weight data).
 
 For a repo it lists the refs (one branch per bpw is the common layout; the set is never assumed),
-lists each revision's files, and for every directory that holds ``config.json`` and exl2 shards
-(``output*.safetensors``; converter leftovers and stale ``model.safetensors.index.json`` files are
-ignored) downloads config.json (a few kB) and reads each shard's safetensors header with HTTP range
-requests. ``org/name@rev`` looks at that revision only. Sub-folder layouts (``3.0bpw/config.json``)
+lists each revision's files, and for every directory that holds ``config.json`` and weight shards of
+a folder format of the registry (``optimizer.formats.FORMATS``: exl2 ``output*.safetensors``, EXL3
+``model*.safetensors``; the config's ``quantization_config.quant_method`` says which; converter
+leftovers and stale index files are ignored) downloads config.json (a few kB) and reads each shard's
+safetensors header with HTTP range requests. ``org/name@rev`` looks at that revision only. Sub-folder layouts (``3.0bpw/config.json``)
 give one variant per folder. ``.gguf`` files at any revision are GGUF variants, one per quant file or
 split set, read from their headers only (``optimizer.sources.hub_gguf``).
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from optimizer.errors import (
     RevisionNotFoundError,
     WeightsHeaderError,
 )
+from optimizer.formats import FORMATS, folder_format, legacy_format
 from optimizer.sources import HubOptions, RepoSpec
 from optimizer.sources.cache import MetaCache, default_cache_dir, tensors_from_rows
 from optimizer.sources.local import MAX_CONFIG_BYTES, bits_from_name, variant_label
@@ -47,7 +48,6 @@ from optimizer.variant import Location, TensorInfo, Variant
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-_EXL2_SHARD_RE = re.compile(r"^output(-\d{5}-of-\d{5})?\.safetensors$")
 _log = logging.getLogger("exl2opt")
 _TRANSPORT_MODULES = ("httpx", "httpcore", "httpx2", "requests", "urllib3", "h11", "h2", "anyio", "ssl", "socket")
 
@@ -260,13 +260,12 @@ def _fetch_revision(*, api: HfApi, repo_id: str, revision: str, commit: str | No
     sizes = {p: listed[p] for p in good}
     headers = build_hf_headers(token=options.token or None, library_name="exl2opt")
     dirs = sorted({os.path.dirname(p) for p in sizes if os.path.basename(p) == "config.json"})
+    folder_formats = [f for f in FORMATS.values() if f.layout == "folder"]
     docs: list[dict[str, Any]] = []
     for d in dirs:
-        shards = sorted(
-            p for p in sizes if os.path.dirname(p) == d and _EXL2_SHARD_RE.match(os.path.basename(p))
-        )
-        if not shards:
-            continue  # e.g. main with README + measurement.json, or a non-exl2 folder
+        in_dir = [p for p in sizes if os.path.dirname(p) == d]
+        if not any(f.is_shard(os.path.basename(p)) for f in folder_formats for p in in_dir):
+            continue  # e.g. main with README + measurement.json, or a folder without weights
         where = f"{repo_id}@{revision}" + (f"/{d}" if d else "")
         cfg_path = f"{d}/config.json" if d else "config.json"
         if sizes.get(cfg_path, 0) > MAX_CONFIG_BYTES:
@@ -274,6 +273,10 @@ def _fetch_revision(*, api: HfApi, repo_id: str, revision: str, commit: str | No
         with _hub_errors(repo_id=repo_id, revision=revision, options=options):
             config = read_config(url=file_url(endpoint=api.endpoint, repo_id=repo_id, path=cfg_path, revision=pin),
                                  headers=headers, where=where)
+        fmt = folder_format(config)
+        shards = sorted(p for p in in_dir if fmt.is_shard(os.path.basename(p)))
+        if not shards:
+            continue  # e.g. the FP16 original's model-*.safetensors next to an exl2 config: not this format
         by_name: dict[str, TensorInfo] = {}
         for shard in shards:
             name = f"{repo_id}@{revision}:{shard}"
@@ -286,6 +289,7 @@ def _fetch_revision(*, api: HfApi, repo_id: str, revision: str, commit: str | No
                 by_name[t.name] = t
         tensors = [[t.name, t.dtype, list(t.shape), t.nbytes] for t in by_name.values()]
         docs.append({
+            "format": fmt.name,
             "subfolder": d or None,
             "files": [os.path.basename(s) for s in shards],
             "file_sizes": {os.path.basename(s): sizes[s] for s in shards},
@@ -339,11 +343,14 @@ def _from_cache(*, spec: RepoSpec, cache: MetaCache) -> tuple[Variant, ...] | No
 
 
 def _variant_from_doc(doc: dict[str, Any], *, repo_id: str, revision: str, commit: str | None) -> Variant:
-    if doc.get("format") == "gguf":
+    where = f"{repo_id}@{revision}"
+    fmt = FORMATS.get(str(doc.get("format", legacy_format().name)))  # documents cached before EXL3 name none
+    if fmt is None:
+        raise HubError(f"{where}: cached metadata is corrupt; delete the exl2opt cache and retry")
+    if fmt.layout == "files":
         from optimizer.sources.hub_gguf import variant_from_doc
 
         return variant_from_doc(doc, repo_id=repo_id, revision=revision, commit=commit)
-    where = f"{repo_id}@{revision}"
     config = doc.get("config")
     rows = doc.get("tensors")
     files = doc.get("files")
@@ -360,7 +367,7 @@ def _variant_from_doc(doc: dict[str, Any], *, repo_id: str, revision: str, commi
         head_bits = head_bits if head_bits is not None else hb_name
     label = variant_label(config, hint)
     return Variant(
-        format="exl2",
+        format=fmt.name,
         label=label,
         location=Location(kind="hub", repo_id=repo_id, revision=revision, commit=commit, subfolder=sub,
                           files=tuple(str(f) for f in files)),
@@ -375,6 +382,7 @@ def _finish(variants: list[Variant], *, spec: RepoSpec) -> tuple[Variant, ...]:
     if not variants:
         where = spec.repo_id + (f"@{spec.revision}" if spec.revision else " (any branch)")
         raise ModelSourceError(
-            f"{where}: no exl2 or GGUF variant found (config.json with output*.safetensors, or *.gguf files)"
+            f"{where}: no {', '.join(FORMATS)} variant found (config.json with output*.safetensors or "
+            "model*.safetensors, or *.gguf files)"
         )
     return tuple(sorted(variants, key=lambda v: (v.bits if v.bits is not None else 99.0, v.label, v.source)))

@@ -13,6 +13,7 @@ from typing import Any
 
 from optimizer.arch import quant_bits
 from optimizer.errors import ModelConfigError, ModelSourceError, WeightsHeaderError
+from optimizer.formats import FORMATS, folder_format, format_spec
 from optimizer.safetensors_header import read_safetensors_header
 from optimizer.textsafe import strip_controls
 from optimizer.variant import Location, TensorInfo, Variant
@@ -61,18 +62,11 @@ def bits_from_name(name: str) -> tuple[float | None, int | None]:
     return (bits if bits is not None and 1 <= bits <= 16 else None), head
 
 
-def quant_method(config: dict[str, Any]) -> str:
-    """The format a config.json declares: ``exl3`` for ``quantization_config.quant_method == "exl3"``,
-    else ``exl2`` (exl2 quants made before March 2024 carry no quantization_config at all)."""
-    qc = config.get("quantization_config")
-    return "exl3" if isinstance(qc, dict) and qc.get("quant_method") == "exl3" else "exl2"
-
-
 def variant_label(config: dict[str, Any], fallback: str) -> str:
-    """``3.0bpw-h6`` from an exl2/EXL3 ``quantization_config`` or the name, else ``fallback`` (with any
+    """``3.0bpw-h6`` from a quant format's ``quantization_config`` or the name, else ``fallback`` (with any
     control character shown as an escape: a label is printed and written everywhere)."""
     qc = config.get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") in ("exl2", "exl3"):
+    if isinstance(qc, dict) and qc.get("quant_method") in {s.quant_method for s in FORMATS.values()} - {None}:
         bits, hb = qc.get("bits"), qc.get("head_bits")
         if isinstance(bits, (int, float)) and not isinstance(bits, bool) and 0 < bits <= 32:
             label = f"{float(bits):.2f}".rstrip("0").rstrip(".")
@@ -85,13 +79,11 @@ def variant_label(config: dict[str, Any], fallback: str) -> str:
     return strip_controls(fallback)
 
 
-def weight_files(names: list[str], fmt: str = "exl2") -> list[str]:
-    """The safetensors shards that hold weights (converter leftovers excluded; EXL3: ``model*`` only)."""
-    skip = ("hidden_states.safetensors", "cal_data.safetensors")
-    out = sorted(n for n in names if n.endswith(".safetensors") and os.path.basename(n) not in skip)
-    if fmt == "exl3":
-        out = [n for n in out if os.path.basename(n).startswith("model")]
-    return out
+def weight_files(names: list[str], fmt: str) -> list[str]:
+    """The files of ``names`` that hold weights of format ``fmt`` in a local folder (the registry's
+    ``local_shards`` rule; converter leftovers excluded)."""
+    spec = format_spec(fmt)
+    return sorted(n for n in names if spec.is_shard(os.path.basename(n), local=True))
 
 
 _DECODER_LAYER_RE = re.compile(r"(?:^|\.)layers\.\d+\.")
@@ -120,10 +112,10 @@ def variant_from_dir(path: Path) -> Variant:
     except OSError as e:
         raise ModelSourceError(f"{cfg_path}: cannot read ({e.strerror})") from None
     config = load_config_bytes(raw, name=str(path))
-    fmt = quant_method(config)
+    fmt = folder_format(config).name
     files = weight_files([p.name for p in path.iterdir() if p.is_file()], fmt)
     if not files:
-        raise ModelSourceError(f"{path}: no .safetensors weight files")
+        raise ModelSourceError(f"{path}: no {fmt} weight files (.safetensors)")
     by_name: dict[str, TensorInfo] = {}
     for f in files:  # ExLlamaV2 maps each key to one file (the last one read); never count a key twice
         for t in read_safetensors_header(path / f):
