@@ -4,12 +4,12 @@ Pure: no I/O, no heavy imports. A :class:`RunSpec` (what to run: the model's pat
 split and runtime settings) becomes a :class:`Recipe` for one tool: a TabbyAPI ``config.yml`` block, a
 text-generation-webui command line, an exllamav2 example-script line, Python calls, or, for GGUF,
 ``llama-server`` and llama-cpp-python. Recipes are keyed by format: each format module
-(``optimizer.recipes.exl2``, ``optimizer.recipes.gguf``) maps tool names to recipe functions and names
+(``optimizer.recipes.exl2``, ``.gguf``, ``.exl3``) maps tool names to recipe functions and names
 the upstream versions its option names were checked against (see ``docs/recipes.md``). Adding a format
-is a module plus one line in ``_REGISTRY``; the module provides ``RECIPES`` (tool name -> function of a
-:class:`RunSpec` returning a :class:`Recipe`), ``DEFAULT`` (the tools ``fit`` prints without
-``--recipe``), ``SHELL_TOOL`` (the one-line recipe for other answers and ``pareto.csv``) and
-``NOT_AVAILABLE`` (tool name -> why it cannot run the format).
+is a module named by the format's ``FormatSpec.recipes`` (``optimizer.formats``); it provides
+``RECIPES`` (tool name -> function of a :class:`RunSpec` returning a :class:`Recipe`), ``DEFAULT``
+(the tools ``fit`` prints without ``--recipe``), ``SHELL_TOOL`` (the one-line recipe for other
+answers and ``pareto.csv``) and ``NOT_AVAILABLE`` (tool name -> why it cannot run the format).
 
 Quoting: every value that came from outside (paths, repository and branch names) is quoted for its
 target language: :func:`sh_quote` for shell lines, :func:`yaml_str` for YAML, ``repr`` for Python. A
