@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -35,6 +36,7 @@ from optimizer.safetensors_header import write_header_only  # noqa: E402
 
 EXAMPLE = ROOT / "studies" / "examples" / "Smaug-34B-v0.1-3.0bpw-h6-exl2"
 BIG = "1" + "0" * 400
+_TMP_RE = re.compile(r"/tmp/exl2opt-cases-[^/]+/\d+")
 TIME = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
 
 
@@ -57,9 +59,10 @@ def run(args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None 
 
 def row(case: str, result: tuple[int, str, float, str], note: str = "") -> None:
     code, line, wall, peak = result
-    line = line.replace("|", "\\|")
+    line = _TMP_RE.sub("…", line).replace("|", "\\|")
     line = line if len(line) <= 150 else line[:147] + "..."
-    print(f"| {case} | `{line}` | {code} | {wall:.1f} s | {peak} |{(' ' + note) if note else ''}")
+    extra = f"; {_TMP_RE.sub('…', note)}" if note else ""
+    print(f"| {case} | `{line}`{extra} | {code} | {wall:.1f} s | {peak} |")
 
 
 def hub_cases(tmp: Path) -> None:
@@ -91,12 +94,13 @@ def hub_cases(tmp: Path) -> None:
                 if v.location.revision == inject]
         cmd = v.location.download_command()
         subprocess.run(["bash", "-c", cmd.replace("hf download", "true", 1)], check=True)
-        print(f"| branch `{inject.replace(str(tmp), '…')}`: download command | `{cmd.replace(str(tmp), '…')}` "
-              f"| — | — | — | pasted into bash: `pwned` created: {(tmp / 'pwned').exists()} |")
+        shown = _TMP_RE.sub("…", cmd.replace(str(tmp), "…")).replace("_tmp_exl2opt-cases-", "…")
+        print(f"| branch `{inject.replace(str(tmp), '…')}`: download command | `{shown}`; pasted into bash, "
+              f"`pwned` created: {(tmp / 'pwned').exists()} | — | — | — |")
         path = local_path(v)
         inside = Path(path).resolve().is_relative_to(cache.resolve())
         print(f"| the same branch: measurement-time download with the hostile ETag | written under the exl2opt cache: "
-              f"{inside} | — | — | — | files outside the cache: {sorted(str(p) for p in tmp.glob('target*')) or 'none'} |")
+              f"{inside}; files outside the cache: {sorted(str(p) for p in tmp.glob('target*')) or 'none'} | — | — | — |")
 
 
 def gguf_cases(tmp: Path) -> None:
