@@ -19,6 +19,7 @@ from optimizer.variant import Variant
 BACKEND_MODULES: dict[str, str] = {
     "exllamav2": "optimizer.backends.exllamav2",
     "llamacpp": "optimizer.backends.llamacpp",
+    "exllamav3": "optimizer.backends.exllamav3",
 }
 #: variant format -> default backend name (``FormatSpec.backend`` in the formats registry)
 FORMAT_BACKENDS: dict[str, str] = {f.name: f.backend for f in FORMATS.values() if f.backend}

@@ -114,7 +114,7 @@ FORMATS: dict[str, FormatSpec] = {
         local_shards=r"^.+\.safetensors$", legacy=True, engine="ExLlamaV2 0.3.2",
     ),
     "exl3": FormatSpec(
-        name="exl3", rules="optimizer.formats.exl3_rules", recipes="optimizer.recipes.exl3", backend=None,
+        name="exl3", rules="optimizer.formats.exl3_rules", recipes="optimizer.recipes.exl3", backend="exllamav3",
         layout="folder", quant_method="exl3", shards=r"^model(-\d{5}-of-\d{5})?\.safetensors$",
         local_shards=r"^model(-\d{5}-of-\d{5})?\.safetensors$", engine="ExLlamaV3 1.6.5",
     ),
