@@ -7,6 +7,7 @@ Exit codes:
     2  usage error: the input given on the command line is wrong (bad size, bad path, bad option)
     1  runtime error: the input is well formed but something failed (network, hub, storage, engine)
     130 interrupted (Ctrl-C)
+    143 terminated (SIGTERM), handled like Ctrl-C
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class Exl2optError(Exception):
@@ -123,3 +125,15 @@ def storage_os_error(e: OSError, *, doing: str) -> StorageError:
 
 class StudyError(Exl2optError):
     """The study cannot run as asked (no feasible configuration, mismatched study...)."""
+
+
+class StudyBusyError(StudyError):
+    """Another process runs this embedded study in a way that excludes this one (one search, or workers)."""
+
+
+class RunInterrupted(Exl2optError):
+    """A study run stopped by Ctrl-C or SIGTERM; the message says what was kept and how to resume.
+
+    The CLI exits 130 (Ctrl-C) or 143 (SIGTERM)."""
+
+    exit_code = EXIT_INTERRUPTED

@@ -6,7 +6,11 @@ from a known landscape (:func:`fake_ppl`, :func:`fake_speed`), so tests can comp
 front by brute force. Every call is appended to ``FakeEngine.calls`` and, when the environment
 variable ``FAKE_ENGINE_LOG`` names a file, to that file as JSON lines (so a test can see calls made
 by a subprocess). ``FAKE_ENGINE_DELAY`` (seconds) slows each measurement; ``FAKE_ENGINE_OOM`` is a
-comma-separated list of ``cache@ctx`` that raise EngineOOMError.
+comma-separated list of ``cache@ctx`` that raise EngineOOMError; ``FAKE_ENGINE_ERROR`` makes every
+load fail with that message (an EngineError).
+
+The measured memory is the prediction plus ``extra_bytes`` per device (``FAKE_ENGINE_EXTRA_BYTES``;
+may be negative), so a test can make a configuration that was predicted to fit measure over budget.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from optimizer.backends.base import (
     SpeedProtocol,
     SpeedResult,
 )
-from optimizer.errors import EngineOOMError
+from optimizer.errors import EngineError, EngineOOMError
 from optimizer.space import Budget, Configuration, evaluate
 from optimizer.variant import Variant
 
@@ -56,6 +60,7 @@ class FakeEngine:
     model_key: tuple[str, str] | None = None
     spec: LoadSpec | None = None
     closed: bool = False
+    extra_bytes: int = 0  #: added to each device's measured peak (plus FAKE_ENGINE_EXTRA_BYTES)
 
     def _log(self, what: str, key: str) -> None:
         self.calls.append((what, key))
@@ -65,6 +70,10 @@ class FakeEngine:
                 f.write(json.dumps([what, key]) + "\n")
 
     def prepare(self, spec: LoadSpec) -> PrepareInfo:
+        error = os.environ.get("FAKE_ENGINE_ERROR", "")
+        if error:
+            self._log("error", f"{spec.variant.key}|{spec.cache}|{spec.max_seq_len}")
+            raise EngineError(error)
         oom = {s for s in os.environ.get("FAKE_ENGINE_OOM", "").split(",") if s}
         if f"{spec.cache}@{spec.max_seq_len}" in oom:
             self.unload()
@@ -100,7 +109,8 @@ class FakeEngine:
         s = self.spec
         cfg = Configuration(variant=s.variant, max_seq_len=s.max_seq_len, cache=s.cache, split=s.split)
         v = evaluate(config=cfg, budget=Budget(per_device=(1 << 50,)))
-        return tuple(DeviceMemory(index=d.index, peak_allocated=d.total - d.overhead, used=d.total)
+        extra = self.extra_bytes + int(os.environ.get("FAKE_ENGINE_EXTRA_BYTES", "0"))
+        return tuple(DeviceMemory(index=d.index, peak_allocated=d.total - d.overhead + extra, used=d.total + extra)
                      for d in v.devices if d.n_modules)
 
     def unload(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from exl2_fixtures import TINY_LLAMA, make_exl2_dir
 from pg import postgres_server, postgres_url  # noqa: F401  (pytest fixtures)
+from printed import argv_of, printed_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -239,7 +240,9 @@ def test_sigint_fails_only_the_current_trial_and_a_rerun_completes(tmp_path: Pat
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=30)
     assert p.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "exl2opt: interrupted"
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("exl2opt: interrupted: ") and "Traceback" not in err
+    (resume,) = printed_commands(last)  # the printed resume command is what the rerun below runs
     import optuna
 
     storage = open_storage(study="i", url=None, root=root)
@@ -247,7 +250,7 @@ def test_sigint_fails_only_the_current_trial_and_a_rerun_completes(tmp_path: Pat
     assert [t.user_attrs.get("reason") for t in trials if t.state == TrialState.FAIL] == ["interrupted"]
     assert sum(t.user_attrs.get("status") == "measured" for t in trials) == 1  # the first one is kept
     assert not [t for t in trials if t.state == TrialState.RUNNING]
-    r = subprocess.run(cmd, env=_env(log, 0), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(argv_of(resume), env=_env(log, 0), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     trials = optuna.load_study(study_name="i", storage=open_storage(study="i", url=None, root=root)).get_trials()
     measured = Counter(t.user_attrs["config_key"] for t in trials if t.user_attrs.get("status") == "measured")
@@ -365,3 +368,36 @@ def test_scan_gives_up_a_configuration_after_max_retry_stale_failures() -> None:
     assert led.stale == {"a": 2, "b": 1}
     assert led.done["a"]["status"] == "failed" and "given up" in led.done["a"]["reason"]
     assert "b" not in led.done  # one retry is still due
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_stopped_worker_resumed_after_its_trial_went_stale_gives_it_up_cleanly(
+        tmp_path: Path, models: Path, eval_file: Path, postgres_url: str) -> None:  # noqa: F811
+    """SIGSTOP a worker mid-trial past the grace period, let another finish the study, then SIGCONT it."""
+    from optuna.trial import TrialState
+
+    study = "stopped"
+    root = tmp_path / "studies"
+    logs = [tmp_path / "w0.log", tmp_path / "w1.log"]
+    a = subprocess.Popen(
+        _worker_cmd(study=study, root=root, storage=postgres_url, model_args=_model_args(models), eval_file=eval_file),
+        env=_env(logs[0], 2.0), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait(lambda: any(w == "ppl" for w, _ in _calls(logs[0])), 60, "worker 0 to start measuring")
+    a.send_signal(signal.SIGSTOP)
+    try:
+        b = subprocess.run(_worker_cmd(study=study, root=root, storage=postgres_url, model_args=[],
+                                       eval_file=eval_file),
+                           env=_env(logs[1], 0), capture_output=True, text=True, timeout=180)
+    finally:
+        a.send_signal(signal.SIGCONT)
+    assert b.returncode == 0, b.stderr[-2000:]
+    out, err = a.communicate(timeout=120)
+    assert a.returncode == 0, err[-2000:]
+    assert "Traceback" not in err and "internal error" not in err and "UpdateFinishedTrialError" not in err
+    assert "gives it up" in err
+    trials = _trials(postgres_url, study)
+    measured = Counter(t.user_attrs["config_key"] for t in trials if t.state == TrialState.COMPLETE
+                       and t.user_attrs.get("status") == "measured")
+    assert len(measured) == len(BITS) * len(CACHES.split(",")) and set(measured.values()) == {1}
+    assert [t.user_attrs.get("reason") for t in trials if t.state == TrialState.FAIL] == ["stale"]

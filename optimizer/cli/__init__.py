@@ -8,13 +8,23 @@ the traceback instead.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+from types import FrameType
 
 import typer
 
 from optimizer import __version__
 from optimizer.cli._coerce import PlainGroup
-from optimizer.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, Exl2optError, storage_os_error
+from optimizer.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_RUNTIME,
+    EXIT_TERMINATED,
+    Exl2optError,
+    RunInterrupted,
+    storage_os_error,
+)
 from optimizer.textsafe import safe
 
 app = typer.Typer(
@@ -28,6 +38,7 @@ app = typer.Typer(
 )
 
 _DEBUG = {"on": False}
+_TERMINATED = {"on": False}
 
 
 def _version(value: bool) -> None:
@@ -64,14 +75,32 @@ def _is_click_error(e: BaseException) -> bool:
     return any(c.__name__ == "ClickException" for c in type(e).__mro__) and hasattr(e, "show")
 
 
+def _on_sigterm(_sig: int, _frame: FrameType | None) -> None:
+    """SIGTERM is handled like Ctrl-C (the running trial is failed as interrupted), exit 143."""
+    _TERMINATED["on"] = True
+    raise KeyboardInterrupt
+
+
+def _stopped_by() -> tuple[str, int]:
+    return ("terminated (SIGTERM)", EXIT_TERMINATED) if _TERMINATED["on"] else ("interrupted", EXIT_INTERRUPTED)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
     _DEBUG["on"] = os.environ.get("EXL2OPT_DEBUG", "") not in ("", "0") or "--debug" in (argv or sys.argv[1:])
+    _TERMINATED["on"] = False
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
         rc = app(args=argv, standalone_mode=False)
         # typer >= 0.2x turns Ctrl-C (Abort) into a returned exit code 130 instead of raising
         if isinstance(rc, int) and rc == EXIT_INTERRUPTED:
             raise KeyboardInterrupt
+    except RunInterrupted as e:
+        if _DEBUG["on"]:
+            raise
+        what, code = _stopped_by()
+        print(f"exl2opt: {what}: {safe(e)}", file=sys.stderr)
+        sys.exit(code)
     except Exl2optError as e:
         if _DEBUG["on"]:
             raise
@@ -80,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         if _DEBUG["on"]:
             raise
-        print("exl2opt: interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        what, code = _stopped_by()
+        print(f"exl2opt: {what}", file=sys.stderr)
+        sys.exit(code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
@@ -101,3 +131,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"exl2opt: internal error: {type(e).__name__}: {safe(e)} (run with --debug for the traceback)", file=sys.stderr)
         sys.exit(EXIT_RUNTIME)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)

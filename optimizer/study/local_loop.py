@@ -37,7 +37,7 @@ from optimizer.study.guided import Guide, record_skipped
 from optimizer.study.locks import run_lock_for
 from optimizer.study.measure import BackendFactory, RunState, close_engines, load_memos, measure
 from optimizer.study.opening import init_study, open_study
-from optimizer.study.outcome import SearchResult
+from optimizer.study.outcome import SearchResult, tally
 from optimizer.study.samplers import ASK_BATCH, choose_mode, make_sampler
 from optimizer.study.spec import SearchSpec, write_variants
 from optimizer.study.trials import (
@@ -198,6 +198,7 @@ def run(
         n_measured=st.measured, n_failed=st.failed, n_reused=st.reused, model_loads=st.loads,
         n_skipped=len(guide.reported) if guide is not None else 0,
         exhausted=stop in ("exhausted", "nothing_fits"), seconds=time.monotonic() - t0, stop_reason=stop,
+        study=tally(scan(study), {c.key for c in feasible} - (guide.reported if guide is not None else set())),
     )
 
 

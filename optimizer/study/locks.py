@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from optimizer.errors import StorageError, StudyError
+from optimizer.errors import StorageError, StudyBusyError
 from optimizer.storage import DEFAULT_ROOT, engine_kwargs, first_line, study_dir
 
 # ----- claim lock --------------------------------------------------------------------------------
@@ -166,11 +166,11 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             if exclusive:
-                raise StudyError(
+                raise StudyBusyError(
                     f"study {self._study!r} is already being run by another exl2opt process on this machine; wait "
-                    f"for it, or add a cooperating process with `exl2opt worker --study {self._study}`") from None
-            raise StudyError(
-                f"study {self._study!r} is being run by `exl2opt search` on this machine; wait for it to finish "
+                    "for it to finish") from None
+            raise StudyBusyError(
+                f"study {self._study!r} is being run by exl2opt search on this machine; wait for it to finish "
                 "(workers can join a study only when no single-process search is running it)") from None
         _HELD_RUN_LOCKS[key] = [fd, 1]
         self._held = True
@@ -200,8 +200,32 @@ class RunLock:
             return
 
 
+def lock_dir_for(*, study_name: str, storage_url: str | None, root: Path = DEFAULT_ROOT) -> Path:
+    """Where the file locks of an embedded study live: its study directory for the journal; for
+    SQLite, next to the database file (``.<db name>.exl2opt/<study hash>/``), so every process that
+    opens the same database takes the same locks, whatever its current or studies directory."""
+    if storage_url is None or not storage_url.startswith("sqlite:"):
+        return study_dir(study=study_name, root=root)
+    db = _sqlite_file(storage_url)
+    if db is None:  # an in-memory database lives in one process only
+        return study_dir(study=study_name, root=root)
+    digest = hashlib.sha256(study_name.encode()).hexdigest()[:16]
+    return db.parent / f".{db.name}.exl2opt" / digest
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URL (absolute, symlinks resolved), None for memory."""
+    rest = url.split(":", 1)[1]
+    path = rest[3:] if rest.startswith("///") else ""
+    path = path.split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path).expanduser().resolve()
+
+
 def run_lock_for(*, study_name: str, storage_url: str | None, root: Path = DEFAULT_ROOT) -> RunLock | None:
     """A :class:`RunLock` for embedded storages (None for database servers)."""
     if storage_url is not None and not storage_url.startswith("sqlite:"):
         return None
-    return RunLock(lock_dir=study_dir(study=study_name, root=root), study_name=study_name)
+    return RunLock(lock_dir=lock_dir_for(study_name=study_name, storage_url=storage_url, root=root),
+                   study_name=study_name)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optimizer.errors import StorageError, StudyError
-from optimizer.storage import DEFAULT_ROOT, first_line, open_storage, safe_url
+from optimizer.storage import DEFAULT_ROOT, JOURNAL_NAME, first_line, open_storage, safe_url, study_dir
 from optimizer.study.spec import (
     FINGERPRINT_ATTR,
     SPEC_ATTR,
@@ -101,9 +101,24 @@ def load_spec(*, study_name: str, storage: Any, storage_url: str | None) -> Sear
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         raise StudyError(f"no study named {study_name!r} in {safe_url(storage_url) if storage_url else 'the journal'}"
-                         "; start it with `exl2opt worker --model ...` or `exl2opt search`") from None
+                         "; create it by giving exl2opt search or exl2opt worker the model options (--model, --vram)"
+                         ) from None
     rec = study.user_attrs.get(SPEC_ATTR)
     if rec is None:
-        raise StudyError(f"study {study_name!r} holds no search settings (it was made by an older exl2opt or "
-                         "by plain `exl2opt search`); give the worker the same --model/--vram/... options")
+        raise StudyError(f"study {study_name!r} holds no search settings (it was made by an older exl2opt); "
+                         "give the same --model, --vram and other options it was created with")
     return spec_from_record(rec, study_name=study_name)
+
+
+def stored_spec(*, study_name: str, storage_url: str | None, root: Path = DEFAULT_ROOT) -> SearchSpec:
+    """The spec kept in an existing study (a command given ``--study`` without the model options).
+
+    Raises:
+        StudyError: no such study (nothing is created), or it holds no usable spec.
+        StorageError: the storage cannot be opened.
+    """
+    if storage_url is None and not (study_dir(study=study_name, root=root) / JOURNAL_NAME).is_file():
+        raise StudyError(f"no study {study_name!r} under {root}; give --model and --vram to create it "
+                         "(or --studies-dir / --storage where it lives)")
+    storage = open_storage(study=study_name, url=storage_url, root=root)
+    return load_spec(study_name=study_name, storage=storage, storage_url=storage_url)

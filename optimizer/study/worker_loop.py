@@ -50,10 +50,10 @@ from optimizer.study.liveness import (
     is_taken_over,
     worker_id,
 )
-from optimizer.study.locks import ClaimLock, run_lock_for
+from optimizer.study.locks import ClaimLock, lock_dir_for, run_lock_for
 from optimizer.study.measure import BackendFactory, RunState, close_engines, load_memos, measure
 from optimizer.study.opening import init_study, load_spec, open_study
-from optimizer.study.outcome import SearchResult
+from optimizer.study.outcome import SearchResult, StudyTally, tally
 from optimizer.study.spec import SearchSpec, write_variants
 from optimizer.study.trials import (
     DEFAULT_MAX_RETRY,
@@ -143,7 +143,8 @@ def run_worker(
     feasible_keys = {c.key for c in feasible}
     by_key = {c.key: c for c in cands}
     dists = distributions(cands)
-    lock = ClaimLock(study_name=study_name, url=storage_url, lock_dir=study_dir(study=study_name, root=root))
+    lock = ClaimLock(study_name=study_name, url=storage_url,
+                     lock_dir=lock_dir_for(study_name=study_name, storage_url=storage_url, root=root))
     me = worker_id()
     rlock = run_lock_for(study_name=study_name, storage_url=storage_url, root=root)
     if rlock is not None:
@@ -234,16 +235,15 @@ def run_worker(
         if rlock is not None:
             rlock.release()
     try:
-        done = scan(study, max_retry=options.max_retry).done
+        end = tally(scan(study, max_retry=options.max_retry), feasible_keys)
     except Exception as e:  # the storage went away at the very end: report what this worker knows
         if not is_storage_error(e):
             raise
-        done = {}
-    n_failed = sum(1 for k, d in done.items() if k in feasible_keys and d["status"] == "failed")
+        end = StudyTally(measured=st.measured, failed=st.failed, left=len(feasible_keys) - st.measured - st.failed)
     return SearchResult(
         study_name=study_name, n_feasible=len(feasible), n_infeasible=len(cands) - len(feasible),
-        n_measured=st.measured, n_failed=n_failed, n_reused=st.reused, model_loads=st.loads,
-        exhausted=stop == "exhausted", seconds=time.monotonic() - t0, stop_reason=stop,
+        n_measured=st.measured, n_failed=end.failed, n_reused=st.reused, model_loads=st.loads,
+        exhausted=stop == "exhausted", seconds=time.monotonic() - t0, stop_reason=stop, study=end,
     )
 
 
