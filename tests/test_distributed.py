@@ -306,7 +306,7 @@ def test_second_search_on_one_embedded_study_is_refused_and_the_first_completes(
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err[-2000:]
     for r, phrase in ((second, "already being run by another exl2opt process"),
-                      (worker, "is being run by `exl2opt search`")):
+                      (worker, "is being run by exl2opt search")):
         assert r.returncode == 1
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and phrase in lines[0], r.stderr
