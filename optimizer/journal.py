@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
+from optimizer.textsafe import safe
+
 #: Bytes read per step while looking backwards for the last newline.
 _STEP = 64 * 2**10
 _log = logging.getLogger("exl2opt")
@@ -74,5 +76,5 @@ def set_aside_partial_record(path: Path) -> Path | None:
     finally:
         lock.release()
     _log.warning("exl2opt: warning: %s ended with a partial record (%d bytes, from a crash or a full disk); "
-                 "set aside as %s, resuming from the last complete record", path, size - keep, aside.name)
+                 "set aside as %s, resuming from the last complete record", safe(path), size - keep, safe(aside.name))
     return aside
