@@ -96,3 +96,15 @@ def test_report_with_a_password_in_the_query_never_prints_it():
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode != 0 and r.stderr.count("\n") == 1
     assert "s3cret" not in r.stdout + r.stderr and "pw1" not in r.stdout + r.stderr and "password=***" in r.stderr
+
+
+def test_hub_endpoint_credentials_are_never_printed(tmp_path, monkeypatch):
+    """An HF_ENDPOINT with user:password@ (a private mirror) is named by host only in messages."""
+    from optimizer.errors import OfflineError
+    from optimizer.sources import HubOptions, RepoSpec
+    from optimizer.sources.hub import discover_hub
+
+    with pytest.raises(OfflineError) as e:
+        discover_hub(spec=RepoSpec("org/x"), options=HubOptions(endpoint="http://mirror-user:hunter2@127.0.0.1:9",
+                                                                cache_dir=str(tmp_path)))
+    assert "hunter2" not in str(e.value) and "mirror-user" not in str(e.value) and "127.0.0.1:9" in str(e.value)

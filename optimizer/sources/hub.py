@@ -102,8 +102,14 @@ def discover_hub_detailed(*, spec: RepoSpec, options: HubOptions) -> HubDiscover
 
 
 def _host(options: HubOptions) -> str:
+    """The endpoint's host[:port] for messages (never its user or password)."""
     ep = options.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    return urlparse(ep).netloc or ep
+    try:
+        u = urlparse(ep)
+        host = u.hostname or ""
+        return safe(host + (f":{u.port}" if u.port else "")) if host else "the Hub endpoint"
+    except ValueError:  # a malformed port
+        return "the Hub endpoint"
 
 
 @contextlib.contextmanager
