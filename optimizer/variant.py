@@ -104,6 +104,14 @@ class Variant:
     bits: float | None = None
     head_bits: int | None = None
 
+    def __post_init__(self) -> None:
+        # the label is printed everywhere (tables, progress, reports): never a control sequence
+        from optimizer.textsafe import strip_controls
+
+        clean = strip_controls(self.label)
+        if clean != self.label:
+            object.__setattr__(self, "label", clean)
+
     @property
     def source(self) -> str:
         """Stable display id of the variant: ``repo@revision`` or a path."""

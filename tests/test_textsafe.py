@@ -108,3 +108,13 @@ def test_hub_endpoint_credentials_are_never_printed(tmp_path, monkeypatch):
         discover_hub(spec=RepoSpec("org/x"), options=HubOptions(endpoint="http://mirror-user:hunter2@127.0.0.1:9",
                                                                 cache_dir=str(tmp_path)))
     assert "hunter2" not in str(e.value) and "mirror-user" not in str(e.value) and "127.0.0.1:9" in str(e.value)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=20))
+def test_a_variant_label_never_holds_a_control_character(label):
+    """Labels come from names and headers (and from stored studies): escaped wherever they are built."""
+    from optimizer.variant import Location, Variant
+
+    v = Variant(format="exl2", label=label, location=Location(kind="local", path="/x"), config={}, tensors=())
+    assert v.label == strip_controls(label) and not any(c in v.label for c in CONTROLS)
