@@ -128,7 +128,7 @@ class FakeBackend:
 
     engine: FakeEngine = field(default_factory=FakeEngine)
     name: str = "fake"
-    formats: tuple[str, ...] = ("exl2", "gguf")
+    formats: tuple[str, ...] = ("exl2", "exl3", "gguf")
     opened: int = 0
 
     def check_available(self) -> None:

@@ -6,7 +6,8 @@ Loading (per :class:`~optimizer.backends.base.LoadSpec`), on exllamav3's own API
       ``layer_type=CacheLayer_quant, k_bits=k, v_bits=v`` (mode ``k4v6``); exllamav3 allocates each
       cache layer while its attention module loads, so a cache made after the load has no tensors;
     * single GPU: ``model.load(device="cuda:0", max_chunk_size=c)``; manual split:
-      ``model.load(use_per_device=[GiB...], max_chunk_size=c)``; autosplit:
+      ``model.load(use_per_device=[GiB...], max_chunk_size=c)`` (``c`` = the chunk, at most the cache:
+      exllamav3 measures one chunk through the cache); autosplit:
       ``model.load(reserve_per_device=[GiB...], max_chunk_size=c)`` with a negative reserve (exllamav3's
       "do not use this device") for visible GPUs beyond the planned ones, so a spill is an
       out-of-memory rather than a silently larger split;
@@ -139,7 +140,9 @@ class ExLlamaV3Engine:
         self.config = self.xl.Config.from_directory(self.model_dir)
         self.model = self.xl.Model.from_config(self.config)
         self.cache = self._new_cache(spec)  # before the load: its layers are allocated by it
-        split, chunk = spec.split, spec.chunk_len
+        from optimizer.formats.exl3_rules import load_chunk
+
+        split, chunk = spec.split, load_chunk(chunk_len=spec.chunk_len, max_seq_len=spec.max_seq_len)
         self._reset_peaks(split.n_devices)
         if split.mode == "single":
             self.model.load(device="cuda:0", max_chunk_size=chunk, progressbar=False)

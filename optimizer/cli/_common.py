@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -35,22 +35,28 @@ ModelOpt = typer.Option(..., "--model", "-m", help="Local dir, dir of variant di
 VramOpt = typer.Option(..., "--vram", help="VRAM per GPU: 15GB (10^9 B), 15GiB (2^30 B), 15000MiB, or a per-GPU list 24GB,24GB.")
 GpusOpt = typer.Option(
     None, "--gpus",
-    help="Number of GPUs. exl2: autosplit as ExLlamaV2 load_autosplit does. GGUF: llama.cpp layer split, even tensor_split.",
+    help="Number of GPUs. exl2: autosplit as ExLlamaV2 load_autosplit does. EXL3: exllamav3's layer split "
+         "(model.load reserve_per_device). GGUF: llama.cpp layer split, even tensor_split.",
 )
 GpuSplitOpt = typer.Option(
     None, "--gpu-split",
-    help="Manual split. exl2: GiB of weights per GPU, as ExLlamaV2's gpu_split (e.g. 10,15). "
+    help="Manual split. exl2: GiB of weights per GPU, as ExLlamaV2's gpu_split (e.g. 10,15). EXL3: GiB per GPU, "
+         "exllamav3's use_per_device. "
          "GGUF: llama.cpp tensor_split proportions of the offloaded layers (10,15 = 40%/60%).",
 )
 ReserveOpt = typer.Option(
     None, "--reserve",
     help="exl2 autosplit (--gpus 2+): VRAM kept free on each GPU while loading (ExLlamaV2 load_autosplit reserve_vram, "
-         "TabbyAPI autosplit_reserve): one size or a per-GPU list, e.g. 1GiB,0. Default 192MiB on GPU 0, 64MiB on the others.",
+         "TabbyAPI autosplit_reserve): one size or a per-GPU list, e.g. 1GiB,0. Default 192MiB on GPU 0, 64MiB on the others "
+         "(EXL3: exllamav3's reserve_per_device, default 0.5GiB each).",
 )
 CtxOpt = typer.Option(
     "auto", "--ctx", help="Context lengths, comma-separated (8192,16k), or 'auto' (powers of two up to the model's default)."
 )
-CacheOpt = typer.Option(None, "--cache", help="Cache modes, comma-separated (exl2: fp16,fp8,q8,q6,q4). Default: all.")
+CacheOpt = typer.Option(None, "--cache", help="Cache modes, comma-separated (exl2: fp16,fp8,q8,q6,q4; EXL3: fp16 or "
+                        "k<bits>v<bits> such as k4v6; GGUF: f16,q8_0,...). Default: each format's modes.")
+FormatOpt = typer.Option(None, "--format", help="Only variants of these formats, comma-separated (exl2, exl3, gguf). "
+                         "Default: every format found.")
 OverheadOpt = typer.Option(None, "--overhead", help="CUDA context + allocator overhead per GPU (default 400MiB for exl2).")
 ChunkOpt = typer.Option(2048, "--chunk", help="Prompt chunk length in tokens (ExLlamaV2 max_input_len).",
                         callback=in_range("--chunk", 1, 1 << 20))
@@ -160,6 +166,27 @@ def parse_contexts(text: str) -> Optional[tuple[int, ...]]:
             raise BadOptionError(f"invalid --ctx value {shown_value(part)}: must be between 1 and 67108864 tokens")
         out.append(n)
     return tuple(sorted(set(out)))
+
+
+def filter_formats(variants: list[Any], text: Optional[str]) -> list[Any]:
+    """Keep the variants whose format ``--format`` names (None keeps all).
+
+    Raises:
+        BadOptionError: a name that is not a registered format, or no variant left.
+    """
+    if text is None:
+        return variants
+    from optimizer.formats import FORMATS
+
+    wanted = [p.strip().lower() for p in text.split(",") if p.strip()]
+    bad = [w for w in wanted if w not in FORMATS]
+    if not wanted or bad:
+        raise BadOptionError(f"invalid --format {text[:40]!r}: choose from {', '.join(FORMATS)}")
+    kept = [v for v in variants if v.format in wanted]
+    if not kept:
+        found = ", ".join(sorted({v.format for v in variants})) or "none"
+        raise BadOptionError(f"--format {','.join(wanted)}: no such variant among the models (formats found: {found})")
+    return kept
 
 
 def parse_caches(text: Optional[str]) -> Optional[tuple[str, ...]]:

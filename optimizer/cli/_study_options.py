@@ -53,6 +53,7 @@ class StudyArgs:
     flash_attn: bool = _opt(c.FlashOpt)
     offline: bool = _opt(c.OfflineOpt)
     n_gpu_layers: Optional[int] = _opt(c.NGpuLayersOpt)
+    fmt: Optional[str] = _opt(c.FormatOpt)
     eval_data: Optional[Path] = _opt(typer.Option(
         None, "--eval-data", help="Local .txt or .parquet evaluation text (default: wikitext-2-raw-v1 test via "
         "datasets; needs network once). Every worker of a study must use the same text."))
@@ -63,7 +64,8 @@ class StudyArgs:
         help="Perplexity window in tokens (first half prefilled into the cache)."))
     fill: int = _opt(typer.Option(2048, "--speed-fill", callback=c.in_range("--speed-fill", 0, 1 << 26),
         help="Tokens in the cache when generation speed is measured."))
-    backend: str = _opt(typer.Option("auto", "--backend", help="exllamav2 | llamacpp | auto (by variant format)."))
+    backend: str = _opt(typer.Option("auto", "--backend",
+                                     help="exllamav2 | exllamav3 | llamacpp | auto (by variant format)."))
     n_trials: Optional[int] = _opt(typer.Option(
         None, "--n-trials", callback=c.in_range("--n-trials", 1, 10**9),
         help="Measurements to run now, by this process (default: until nothing is left)."))
@@ -173,7 +175,7 @@ def default_study_name(*, model: list[str], vram: str) -> str:
 
 
 def default_factory(backend: str) -> Any:
-    """The backend factory: ``backend`` is exllamav2 | llamacpp | auto (by format)."""
+    """The backend factory: ``backend`` is exllamav2 | exllamav3 | llamacpp | auto (by format)."""
     from optimizer.backends import backend_for
 
     def factory(variant: Any) -> Any:
@@ -216,7 +218,8 @@ def spec_from_args(args: StudyArgs) -> SearchSpec:
     split = c.split_from(gpus=args.gpus, gpu_split=args.gpu_split, budget=budget)
     contexts = c.parse_contexts(args.ctx)
     caches = c.parse_caches(args.cache)
-    variants = resolve_sources(specs=list(args.model), hub=c.hub_options(offline=args.offline))
+    variants = c.filter_formats(resolve_sources(specs=list(args.model), hub=c.hub_options(offline=args.offline)),
+                                args.fmt)
     if caches:
         caches = check_caches(variants, caches)
     return SearchSpec(variants=tuple(variants), budget=budget, split=split, contexts=contexts, caches=caches,

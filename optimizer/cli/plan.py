@@ -61,6 +61,7 @@ def plan(
     flash_attn: bool = c.FlashOpt,
     offline: bool = c.OfflineOpt,
     n_gpu_layers: Optional[int] = c.NGpuLayersOpt,
+    fmt: Optional[str] = c.FormatOpt,
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write every configuration to this CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (with per-GPU breakdowns) instead of a table."),
     only_fits: bool = typer.Option(False, "--fits-only", help="Show only configurations that fit."),
@@ -79,7 +80,7 @@ def plan(
     contexts = c.parse_contexts(ctx)
     caches = c.parse_caches(cache)
     runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers)
-    variants = resolve_sources(specs=model, hub=c.hub_options(offline=offline))
+    variants = c.filter_formats(resolve_sources(specs=model, hub=c.hub_options(offline=offline)), fmt)
     if caches:
         caches = check_caches(variants, caches)
     rows = plan_rows(
@@ -98,9 +99,11 @@ def plan(
         print(to_json([{**rec, "devices": breakdown_json(r.verdict)} for r, rec in shown]))
         return
     print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
-    cols = list(_PLAN_COLS.values()) + pr.columns(gpu_names)
+    several = len({v.format for v in variants}) > 1  # one table for every format: say which row is which
+    cols = (["format"] if several else []) + list(_PLAN_COLS.values()) + pr.columns(gpu_names)
     by_rec = {id(rec): p for rec, p in zip(records, preds, strict=True)}
-    print(text_table([{**_short(rec), **pr.cells(by_rec[id(rec)], rec["fits"])} for _, rec in shown], cols))
+    print(text_table([{"format": rec["format"], **_short(rec), **pr.cells(by_rec[id(rec)], rec["fits"])}
+                      for _, rec in shown], cols))
     n_fit = sum(1 for rec in records if rec["fits"])
     print(safe(f"{n_fit} of {len(records)} configurations fit." + (f" CSV: {csv_path}" if csv_path else "")))
     cands = [pr.Candidate(r.config.variant, r.config.cache, r.config.max_seq_len, p)
@@ -153,6 +156,7 @@ def fit(
     flash_attn: bool = c.FlashOpt,
     offline: bool = c.OfflineOpt,
     n_gpu_layers: Optional[int] = c.NGpuLayersOpt,
+    fmt: Optional[str] = c.FormatOpt,
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the answer to this CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     gpu: Optional[str] = pr.GpuOpt,
@@ -177,7 +181,7 @@ def fit(
     split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget, reserve=reserve)
     caches = c.parse_caches(cache)
     runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers)
-    variants = resolve_sources(specs=model, hub=c.hub_options(offline=offline))
+    variants = c.filter_formats(resolve_sources(specs=model, hub=c.hub_options(offline=offline)), fmt)
     from optimizer.formats import default_cache_modes, rules_for
 
     if caches:
@@ -213,14 +217,16 @@ def fit(
         print(to_json(records))
         return
     print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
+    several = len({v.format for v in variants}) > 1  # one table for every format: say which row is which
     for v in variants:
-        print(safe(f"{v.label}: {v.source}"))
+        print(safe(f"{v.label}{f' ({v.format})' if several else ''}: {v.source}"))
         print(safe("  " + _default_line(v, split=split, budget=budget, runtime=runtime)))
     print(text_table(
-        [{"variant": r["label"], "cache": r["cache"], "default ctx": r["default_ctx"],
+        [{"format": r["format"], "variant": r["label"], "cache": r["cache"], "default ctx": r["default_ctx"],
           "max ctx that fits": r["max_ctx"] or "none", "total GiB": r["total_gib"], "headroom GiB": r["headroom_gib"], **cl}
          for r, cl in zip(records, cells, strict=True)],
-        ["variant", "cache", "default ctx", "max ctx that fits", "total GiB", "headroom GiB", *pr.columns(gpu_names)],
+        [*(["format"] if several else []), "variant", "cache", "default ctx", "max ctx that fits", "total GiB",
+         "headroom GiB", *pr.columns(gpu_names)],
     ))
     if beats:
         print(f"Better than autosplit{' with --reserve' if reserve else ''} on {split.n_devices} GPUs "

@@ -27,7 +27,7 @@ from optimizer.vram import MemoryPlan, ModuleCost, Split, VramVerdict
 FORMAT = "exl3"
 __all__ = [
     "FORMAT", "CACHE_MODE_NAMES", "CACHE_MODE_HELP", "DEFAULT_CACHE_MODES", "DEFAULT_OVERHEAD_BYTES", "arch_of",
-    "default_context", "context_step", "variant_plan", "place_config", "host_bytes",
+    "default_context", "context_step", "variant_plan", "place_config", "host_bytes", "load_chunk",
 ]
 
 
@@ -73,8 +73,9 @@ def variant_plan(variant: Variant, *, max_seq_len: int, cache: str, runtime: Run
     ``load_transient_bytes`` is the autosplit measuring forward (``chunk_len`` rows, 32 at the head).
     """
     arch = arch_of(variant)
-    s = Exl3Settings(max_num_tokens=max_seq_len, cache=cache, max_chunk_size=runtime.chunk_len)
-    rows = runtime.chunk_len * runtime.batch_size
+    chunk = min(runtime.chunk_len, max_seq_len)  # as the backend loads it (see load_chunk)
+    s = Exl3Settings(max_num_tokens=max_seq_len, cache=cache, max_chunk_size=chunk)
+    rows = chunk * runtime.batch_size
     blk = block_transient(arch, s, rows=rows)
     blk_test = block_transient(arch, s, rows=s.max_chunk_size)
     mods = []
@@ -88,6 +89,13 @@ def variant_plan(variant: Variant, *, max_seq_len: int, cache: str, runtime: Run
             mods.append(ModuleCost(key, nbytes))
     return MemoryPlan(modules=tuple(mods), cache_layer_bytes=cache_layer_bytes(arch, s), cache_staging_bytes=0,
                       rope_bytes=0)
+
+
+def load_chunk(*, chunk_len: int, max_seq_len: int) -> int:
+    """``max_chunk_size`` for ``Model.load``: the chunk, at most the cache. The autosplit measuring
+    forward runs one chunk through the cache with ``batch_shape (1, chunk)``, which exllamav3 refuses
+    when it exceeds ``max_num_tokens`` ("Cache too small for batch shape")."""
+    return min(chunk_len, max_seq_len)
 
 
 def place_config(

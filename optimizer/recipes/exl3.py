@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from optimizer.allocator import ENV, EXPANDABLE
 from optimizer.formats.exl3 import cache_mode
+from optimizer.formats.exl3_rules import load_chunk
 from optimizer.recipes import Recipe, RunSpec, num, sh_join
 from optimizer.vram import Split
 
@@ -41,9 +42,10 @@ def load_call(split: Split, chunk_len: int) -> str:
 def run_recipe(*, cache: str, max_seq_len: int, split: Split, batch_size: int = 1, chunk_len: int | None = None) -> str:
     """The configuration as one line of Python (after the imports): config, model, cache, load."""
     del batch_size  # one cache pool serves every sequence (``max_num_tokens``)
+    chunk = load_chunk(chunk_len=chunk_len or 2048, max_seq_len=max_seq_len)
     return (f"config = Config.from_directory(model_dir); model = Model.from_config(config); "
             f"cache = Cache(model, max_num_tokens={max_seq_len}, {cache_mode(cache).layer_call()}); "
-            f"{load_call(split, chunk_len or 2048)}")
+            f"{load_call(split, chunk)}")
 
 
 def python(spec: RunSpec) -> Recipe:
@@ -55,7 +57,7 @@ def python(spec: RunSpec) -> Recipe:
         f"from exllamav3 import Cache, Config, Model; from exllamav3.cache import {layer}",
         f"config = Config.from_directory({spec.model_path!r}); model = Model.from_config(config)",
         f"cache = Cache(model, max_num_tokens={spec.max_seq_len}, {mode.layer_call()})",
-        load_call(spec.split, spec.chunk_len),
+        load_call(spec.split, load_chunk(chunk_len=spec.chunk_len, max_seq_len=spec.max_seq_len)),
     ])
     return Recipe(tool="python", title=PYTHON, text=text, kind="python")
 
@@ -74,7 +76,8 @@ def script(spec: RunSpec) -> Recipe:
             prefix = ["CUDA_VISIBLE_DEVICES=0"]
             notes.append("model_init autosplits even on one GPU, keeping 0.5 GiB free (model.load(device=...) does not)")
     argv = [*prefix, _ENV_WORD, "python", "examples/chat.py", "-m", spec.model_path, "-mode", "raw",
-            "-cs", str(spec.max_seq_len), *cq, *gs, "-chunk_size", str(spec.chunk_len)]
+            "-cs", str(spec.max_seq_len), *cq, *gs, "-chunk_size",
+            str(load_chunk(chunk_len=spec.chunk_len, max_seq_len=spec.max_seq_len))]
     return Recipe(tool="script", title=SCRIPT, text=sh_join(argv), kind="shell", notes=tuple(notes))
 
 
