@@ -80,8 +80,10 @@ def test_one_pareto_front_across_formats(models: list[str], tmp_path: Path) -> N
          "--eval-data", str(root / "eval.txt"), "--eval-window", "128", "--eval-windows", "2",
          "--backend-factory", "fake_engine:fake_backend_factory", "--study", "one", "--root", str(tmp_path),
          "--exhaustive", cwd=tmp_path)
-    trials = list(csv.DictReader(open(tmp_path / "one" / "trials.csv")))
-    front = list(csv.DictReader(open(tmp_path / "one" / "pareto.csv")))
+    with open(tmp_path / "one" / "trials.csv") as f:
+        trials = list(csv.DictReader(f))
+    with open(tmp_path / "one" / "pareto.csv") as f:
+        front = list(csv.DictReader(f))
     measured = [t for t in trials if t.get("perplexity") not in (None, "")]
     assert {t["format"] for t in measured} == {"exl2", "exl3", "gguf"}
 
