@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from chromium import browser_page, chromium_path, load
+from dashboard_util import check_served_values, served_study
 from gguf_util import build_smollm2_variants, llama_cpp_available, smollm2_path, wiki_text_path
 
 TESTS = Path(__file__).parent
@@ -174,6 +175,8 @@ def test_smollm2_study_page_in_chromium(tmp_path: Path) -> None:
         if r["status"] == "measured":
             assert r["speed_runs"] == "3" and float(r["gen_tok_s_min"]) <= float(r["gen_tok_s"]) <= float(r["gen_tok_s_max"])
     assert "runs 3 time(s)" in dom["protocol"] and "Noise: over 6 measured configurations" in dom["protocol"]
+    # the same study through optuna-dashboard's API: only measured values, its Pareto set is our front
+    check_served_values(served_study(study / "journal.log", STUDY), {r["key"] for r in dom["front"]})
     target = os.environ.get("EXL2OPT_DOCS_SCREENSHOT")
     if target:
         shutil.copyfile(study / "report-screenshot.png", target)

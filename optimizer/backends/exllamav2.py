@@ -71,6 +71,7 @@ from optimizer.backends.base import (
     SpeedResult,
 )
 from optimizer.backends.causality import CausalityResult, check_causal
+from optimizer.backends.progress import window_done
 from optimizer.errors import BackendUnavailableError, EngineError, EngineOOMError
 from optimizer.sources.download import local_path
 
@@ -343,6 +344,7 @@ class ExLlamaV2Engine:
                     nll -= float(lp.gather(-1, targets.unsqueeze(-1)).sum())
                     count += int(targets.numel())
                     pos = end
+                window_done(i + 1, n)
         return math.exp(nll / count)
 
     def speed(self, *, protocol: SpeedProtocol) -> SpeedResult:

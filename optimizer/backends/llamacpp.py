@@ -36,6 +36,7 @@ from optimizer.backends.base import (
     SpeedProtocol,
     SpeedResult,
 )
+from optimizer.backends.progress import window_done
 from optimizer.errors import BackendUnavailableError, EngineError, EngineOOMError
 from optimizer.formats import RuntimeOptions
 from optimizer.formats.gguf import GGML_TYPE_IDS, LlamaSettings
@@ -367,6 +368,7 @@ class LlamaCppEngine:
                         count += len(rows)
                     off += n
                 pos += len(chunk)
+            window_done(w + 1, n_win)
         if count == 0:
             raise EngineError("no tokens were scored (window too short for the prefill)")
         return math.exp(nll / count)

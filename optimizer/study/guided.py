@@ -18,11 +18,12 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from optimizer.backends.base import Engine, EvalProtocol
+from optimizer.backends.progress import on_window, window_done
 from optimizer.predict.refit import Observation, SpaceEntry, SpacePredictor
 from optimizer.schedule import Item, Measured, Schedule, Skipped, paired_decision
 from optimizer.study.candidates import Candidate, base_attrs
 from optimizer.study.spec import SearchSpec
-from optimizer.study.trials import CONSTRAINT, PLACEHOLDER_VALUES
+from optimizer.study.trials import CONSTRAINT
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -115,7 +116,9 @@ class Guide:
                 piece = tokens[i * w:(i + 1) * w]
                 if len(piece) < w:
                     break
-                nll.append(math.log(float(engine.perplexity(tokens=piece, protocol=one))))
+                with on_window(lambda done, total: None):  # the engine sees one window; report ours
+                    nll.append(math.log(float(engine.perplexity(tokens=piece, protocol=one))))
+                window_done(i + 1, proto.n_windows)
                 if ref:
                     d = paired_decision(nll, ref)
                     if d.settled and d.worse:
@@ -139,13 +142,15 @@ def _predicted_attrs(it: Item) -> dict[str, float]:
 
 def record_skipped(study: optuna.Study, skipped: Sequence[Skipped], by_key: dict[str, Candidate],
                    dists: dict[str, Any]) -> None:
-    """Store each skipped configuration as a trial: ``status: skipped``, its predictions and the reason."""
+    """Store each skipped configuration as a PRUNED trial (no placeholder values for dashboards to plot):
+    ``status: skipped``, its predictions and the reason."""
     import optuna
+    from optuna.trial import TrialState
 
     for s in skipped:
         c = by_key.get(s.item.key)
         if c is None:
             continue
         ua = dict(base_attrs(c), status=SKIPPED, reason=s.reason, **_predicted_attrs(s.item))
-        study.add_trial(optuna.trial.create_trial(params=c.params, distributions=dists, values=list(PLACEHOLDER_VALUES),
+        study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, params=c.params, distributions=dists,
                                                   user_attrs=ua, constraints={CONSTRAINT: 0.0}))

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from optimizer.evaldata import EvalText
 from optimizer.storage import DEFAULT_ROOT, VARIANTS_NAME, study_dir, sweep_stale
 from optimizer.study.candidates import Candidate, build_space, config_key_of, distributions
+from optimizer.study.eta import eta_text
 from optimizer.study.guided import Guide, record_skipped
 from optimizer.study.locks import run_lock_for
 from optimizer.study.measure import BackendFactory, RunState, close_engines, load_memos, measure
@@ -123,6 +124,7 @@ def run(
     task = progress.add_task("trials", total=min(len(todo), n_trials or len(todo))) if progress else None
     rank = {c.key: i for i, c in enumerate(cands)}
     gpu_trials = 0
+    eta = [""]  # " · N left, ETA ..." from the phase timings so far, shown with every phase
     stop = "exhausted"
     pending: list[Any] = []
     try:
@@ -170,7 +172,7 @@ def run(
                 def say(phase: str, c: Candidate = cand) -> None:
                     if progress is not None:
                         progress.update(task, description=f"{c.config.variant.label} {c.config.cache} "
-                                                          f"ctx {c.config.max_seq_len}: {phase}")
+                                                          f"ctx {c.config.max_seq_len}: {phase}{eta[0]}")
 
                 pending.remove(trial)
                 mark_running(trial, cand)
@@ -182,8 +184,13 @@ def run(
                                    perplexity=guide.perplexity(cand))
                     guide.observe(cand, st.done.get(cand.key), skip)
                 gpu_trials += 1
+                left = [c for c in todo if c.key not in st.done and c.key not in (guide.reported if guide else ())]
+                eta[0] = eta_text(left if n_trials is None else left[:max(n_trials - gpu_trials, 0)], spec=spec, times=st.times,
+                                  ppl_done=set(st.ppl), speed_done=set(st.speed), dataset_id=st.dataset_id, loaded=st.loaded,
+                                  at_most=guide is not None)
                 if progress is not None:
                     progress.advance(task)
+                    say("measured")
         if guide is not None:
             record_skipped(study, guide.new_skips(), by_key, dists)
     except BaseException:

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from optimizer.allocator import AllocatorSetting, for_backend
 from optimizer.backends.base import Backend, Engine, EvalProtocol, LoadSpec
+from optimizer.backends.progress import on_window
 from optimizer.errors import EngineError, EngineOOMError
 from optimizer.evaldata import EvalText
 from optimizer.storage import first_line
 from optimizer.study.candidates import Candidate, base_attrs, measured_excess_gib
+from optimizer.study.eta import PhaseTimes, ppl_key_of, speed_key_of
 from optimizer.study.spec import SearchSpec
-from optimizer.study.trials import CONSTRAINT, INTERRUPTED, PLACEHOLDER_VALUES
+from optimizer.study.trials import CONSTRAINT, INTERRUPTED
 from optimizer.variant import Variant
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,6 +47,9 @@ class RunState:
     ppl: dict[str, float] = field(default_factory=dict)
     speed: dict[str, tuple[float, float, int, tuple[float, ...]]] = field(default_factory=dict)  # prompt, gen, fill, gen runs
     tokens: dict[str, Sequence[int]] = field(default_factory=dict)
+    times: PhaseTimes = field(default_factory=PhaseTimes)  # seconds per phase, for the ETA
+    dataset_id: str | None = None  # of the eval text, once loaded
+    loaded: tuple[str, str] | None = None  # model key of the last prepare
     engines: dict[str, Engine] = field(default_factory=dict)
     allocators: dict[str, AllocatorSetting] = field(default_factory=dict)  # format -> PyTorch allocator setting
     active: str | None = None
@@ -99,9 +105,10 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
     """Load (or reuse), measure what is not memoized, tell. Engine failures fail only this trial.
 
     ``trial`` is stamped and marked (:func:`~optimizer.study.trials.mark_running`) by its caller.
-    ``say(phase)`` reports the phase (loading, perplexity, speed) to the progress display.
+    ``say(phase)`` reports the phase (loading, perplexity window i/n, speed) to the progress display;
+    each phase's duration goes to ``st.times``.
     ``perplexity`` replaces ``engine.perplexity``; when it returns a skip (not a number) the trial is told
-    ``status: skipped`` with its ``reason`` and placeholder values (not *done*), and the skip is returned.
+    PRUNED with ``status: skipped`` and its ``reason`` (not *done*), and the skip is returned.
 
     Raises:
         Exception: an unexpected error (a bug), after failing the trial with ``retry: true``.
@@ -117,42 +124,52 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
         if cfg.variant.format in st.allocators:  # what the allocator ran with, also on a failed trial
             for k, v in st.allocators[cfg.variant.format].as_record().items():
                 trial.set_user_attr(k, v)
-        info = engine.prepare(LoadSpec(
+        t0 = time.perf_counter()
+        load = LoadSpec(
             variant=cfg.variant, split=cfg.split, max_seq_len=cfg.max_seq_len, cache=cfg.cache,
             chunk_len=spec.runtime.chunk_len, batch_size=spec.runtime.batch_size, flash_attn=spec.runtime.flash_attn,
             n_gpu_layers=spec.runtime.n_gpu_layers,
-        ))
+        )
+        info = engine.prepare(load)
+        st.times.add("load" if info.model_loaded else "cache", time.perf_counter() - t0)
         st.loads += int(info.model_loaded)
+        st.loaded = load.model_key
         et = text()
+        st.dataset_id = et.dataset_id
         proto = replace(spec.eval_protocol, dataset=et.dataset_id).fitted(cfg.max_seq_len)
-        ppl_key = f"{cfg.variant.key}|{cfg.cache}|{proto.key}"
+        ppl_key = ppl_key_of(cand, spec, et.dataset_id)
         if ppl_key not in st.ppl:
             say("perplexity")
+            t0 = time.perf_counter()
             if cfg.variant.key not in st.tokens:
                 st.tokens[cfg.variant.key] = engine.tokenize(et.text)
-            got = (engine.perplexity(tokens=st.tokens[cfg.variant.key], protocol=proto) if perplexity is None
-                   else perplexity(engine, st.tokens[cfg.variant.key], proto))
+            with on_window(lambda done, total: say(f"perplexity window {done}/{total}")):
+                got = (engine.perplexity(tokens=st.tokens[cfg.variant.key], protocol=proto) if perplexity is None
+                       else perplexity(engine, st.tokens[cfg.variant.key], proto))
             if not isinstance(got, (int, float)):
                 trial.set_user_attr("status", "skipped")
                 trial.set_user_attr("reason", str(getattr(got, "reason", got)))
                 trial.set_constraint(CONSTRAINT, 0.0)
-                study.tell(trial, list(PLACEHOLDER_VALUES))
+                study.tell(trial, state=TrialState.PRUNED)  # no placeholder values: dashboards show measured ones only
                 return got
             value = float(got)
             if not math.isfinite(value) or value <= 0:
                 raise EngineError(f"the engine returned an invalid perplexity ({value})")
             st.ppl[ppl_key] = value
+            st.times.add("perplexity", time.perf_counter() - t0)
         sp = spec.speed_protocol
         fill = max(min(sp.context_fill, cfg.max_seq_len - sp.gen_tokens), 1)
-        speed_key = f"{cfg.variant.key}|{cfg.cache}|{cfg.split.label}|{replace(sp, context_fill=fill).key}"
+        speed_key = speed_key_of(cand, spec)
         if speed_key not in st.speed:
-            say("speed")
+            say(f"speed ({sp.repeats} timed runs)")
+            t0 = time.perf_counter()
             r = engine.speed(protocol=replace(sp, context_fill=fill))
             if not all(math.isfinite(float(x)) and x >= 0 for x in (r.prompt_tok_s, r.gen_tok_s)):
                 raise EngineError(f"the engine returned an invalid speed (prompt {r.prompt_tok_s}, "
                                   f"gen {r.gen_tok_s} tokens/s)")
             st.speed[speed_key] = (float(r.prompt_tok_s), float(r.gen_tok_s), int(r.context_fill),
                                    tuple(float(x) for x in r.gen_tok_s_runs))
+            st.times.add("speed", time.perf_counter() - t0)
         mem = engine.memory()
     except EngineError as e:
         reason = "oom" if isinstance(e, EngineOOMError) else (str(e) or type(e).__name__)

@@ -40,9 +40,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 METRIC_NAMES = ("perplexity", "gen_tok_s", "max_seq_len")
 CONSTRAINT = "vram_excess_gib"
-#: Placeholder objective values of configurations that are not measured (dominated by any real one).
-PLACEHOLDER_PPL = 1.0e4
-PLACEHOLDER_VALUES = (PLACEHOLDER_PPL, 0.0, 0.0)
+#: Objective values (perplexity, tokens/s, context) that stand for a configuration without measured ones,
+#: dominated by any measured point. Studies from before PRUNED rejections stored them; now only
+#: samplers that read COMPLETE trials alone see them (:mod:`optimizer.study.samplers`).
+PLACEHOLDER_VALUES = (1.0e4, 0.0, 0.0)
 STALE = "stale"
 INTERRUPTED = "interrupted"
 #: Times a configuration whose process died while measuring it is re-run before it is given up.
@@ -72,8 +73,10 @@ def outcome_of(t: FrozenTrial) -> str:
     status = ua.get("status")
     if t.state == TrialState.RUNNING:
         return "running"
-    if t.state == TrialState.COMPLETE:
+    if t.state == TrialState.COMPLETE:  # infeasible: a COMPLETE placeholder in studies made before PRUNED
         return "done" if status in ("measured", "infeasible") else "ignore"
+    if t.state == TrialState.PRUNED:
+        return "done" if status == "infeasible" else "ignore"
     if t.state == TrialState.FAIL:
         if ua.get("reason") == STALE or status == "running":
             return "stale"
@@ -123,7 +126,7 @@ def scan(study: optuna.Study, *, max_retry: int = DEFAULT_MAX_RETRY) -> Ledger:
                 led.done.setdefault(key, {"config_key": key, "values": None, "status": "failed",
                                           "reason": ua.get("reason"), "number": t.number})
             elif key not in led.done or status == "measured":
-                led.done[key] = {"config_key": key, "values": list(t.values or []), "status": status,
+                led.done[key] = {"config_key": key, "values": list(t.values) if t.values else None, "status": status,
                                  "constraint": (t.constraints or {}).get(CONSTRAINT, 0.0),
                                  "reason": ua.get("reason", ""), "number": t.number}
     for key, n in led.stale.items():
@@ -158,12 +161,14 @@ def mark_running(trial: Any, cand: Candidate) -> None:
 
 
 def tell_outside_space(study: optuna.Study, trial: Any, key: str) -> None:
-    """A sampler's ask that names no configuration of the space: told at once with placeholders (no GPU)."""
+    """A sampler's ask that names no configuration of the space: told at once as PRUNED and infeasible (no GPU)."""
+    from optuna.trial import TrialState
+
     trial.set_user_attr("status", "outside_space")
     trial.set_user_attr("config_key", key)
     trial.set_user_attr("reason", "this variant has no such context or cache mode in the search space")
     trial.set_constraint(CONSTRAINT, 1.0)
-    study.tell(trial, list(PLACEHOLDER_VALUES))
+    study.tell(trial, state=TrialState.PRUNED)
 
 
 def tell_reused(study: optuna.Study, trial: Any, cand: Candidate, prev: dict[str, Any] | None) -> None:
@@ -177,10 +182,10 @@ def tell_reused(study: optuna.Study, trial: Any, cand: Candidate, prev: dict[str
         trial.set_user_attr("reason", "duplicate of a trial being measured")
         study.tell(trial, state=TrialState.FAIL)
         return
-    if prev.get("values") is None:  # a failed configuration (e.g. oom): not retried
+    if prev.get("values") is None or prev.get("status") == "infeasible":  # failed (e.g. oom) or rejected: no values
         trial.set_user_attr("reason", prev.get("reason") or "failed before")
-        trial.set_constraint(CONSTRAINT, max(predicted_excess_gib(cand.verdict), 1e-3))
-        study.tell(trial, list(PLACEHOLDER_VALUES))
+        trial.set_constraint(CONSTRAINT, max(float(prev.get("constraint") or 0.0), predicted_excess_gib(cand.verdict), 1e-3))
+        study.tell(trial, state=TrialState.PRUNED)
         return
     trial.set_user_attr("duplicate_of", prev.get("config_key"))
     trial.set_constraint(CONSTRAINT, float(prev.get("constraint") or 0.0))
@@ -189,8 +194,14 @@ def tell_reused(study: optuna.Study, trial: Any, cand: Candidate, prev: dict[str
 
 def record_infeasible(study: optuna.Study, cands: Sequence[Candidate], dists: dict[str, Any],
                       done: dict[str, dict[str, Any]]) -> None:
-    """Add every analytically infeasible configuration not in ``done`` once, without touching a GPU."""
+    """Add every analytically infeasible configuration not in ``done`` once, without touching a GPU.
+
+    Each is a PRUNED trial without objective values, with its positive ``vram_excess_gib``
+    constraint: TPE files it with the infeasible trials (it checks constraints before states), GP and
+    NSGA-II read COMPLETE trials only, and optuna-dashboard leaves PRUNED trials out of its plots,
+    so no placeholder number stretches an axis there."""
     import optuna
+    from optuna.trial import TrialState
 
     for c in cands:
         if c.key in done:
@@ -198,11 +209,9 @@ def record_infeasible(study: optuna.Study, cands: Sequence[Candidate], dists: di
         ua = dict(base_attrs(c), status="infeasible", reason=c.verdict.reason or "does not fit")
         excess = predicted_excess_gib(c.verdict)
         study.add_trial(optuna.trial.create_trial(
-            params=c.params, distributions=dists, values=list(PLACEHOLDER_VALUES),
-            user_attrs=ua, constraints={CONSTRAINT: excess},
+            state=TrialState.PRUNED, params=c.params, distributions=dists, user_attrs=ua, constraints={CONSTRAINT: excess},
         ))
-        done[c.key] = {"config_key": c.key, "values": list(PLACEHOLDER_VALUES), "status": "infeasible",
-                       "constraint": excess, "reason": ua["reason"]}
+        done[c.key] = {"config_key": c.key, "values": None, "status": "infeasible", "constraint": excess, "reason": ua["reason"]}
 
 
 def fail_interrupted(study: optuna.Study, trials: Sequence[Any]) -> None:
