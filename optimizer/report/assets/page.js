@@ -9,7 +9,8 @@
   var TERMS = [["weights", "#4c72b0"], ["cache", "#dd8452"], ["staging", "#f0b27a"], ["scratch", "#55a868"],
                ["transient", "#8172b3"], ["overhead", "#9a9a9a"]];
   var STATUS_TEXT = { measured: "measured", predicted: "predicted", infeasible: "rejected (VRAM model)", failed: "failed",
-                      reused: "reused", outside_space: "outside the space", running: "running" };
+                      reused: "reused", outside_space: "outside the space", running: "running",
+                      skipped: "skipped (predicted dominated)" };
 
   function el(tag, attrs, kids) {
     var e = document.createElement(tag);
