@@ -101,6 +101,24 @@ def test_fp32_norms_load_as_fp16(root: Path) -> None:
     assert ours == om.modules
 
 
+def test_legacy_packed_signs_and_fp32_bias_grow_on_load(root: Path) -> None:
+    """Older quants store ``su``/``sv`` as packed int16 sign bits; exllamav3 unpacks them to FP16 vectors.
+    An FP32 bias is loaded as FP16."""
+    cfg = TINY["Qwen2ForCausalLM"]
+    t = synthesize({**cfg, "hidden_act": "silu"}, bits=4.0, head_bits=6)
+    legacy: dict[str, Any] = {}
+    for n, (dt, s) in t.items():
+        if n.endswith((".suh", ".svh")) and "layers.0." in n:
+            legacy[n[:-1]] = ("I16", (s[0] // 16,))
+        elif n.endswith(".bias"):
+            legacy[n] = ("F32", s)
+        else:
+            legacy[n] = (dt, s)
+    d, om = _loaded(root, "legacy-su-sv", cfg, tensors=legacy)
+    _, ours, _ = _ours(d)
+    assert ours == om.modules
+
+
 def test_vision_tower_is_reported_not_counted(root: Path) -> None:
     cfg = TINY["Gemma3ForConditionalGeneration"]
     t = synthesize(cfg, bits=4.0, head_bits=6)

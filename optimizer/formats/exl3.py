@@ -170,11 +170,18 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def device_bytes(t: TensorInfo) -> int:
-    """Bytes one stored tensor occupies on the GPU once loaded (see the module docstring)."""
+    """Bytes one stored tensor occupies on the GPU once loaded (see the module docstring).
+
+    Besides the codebook marker (0) and FP32 norms (halved): an FP32 linear bias is loaded as FP16,
+    and the packed sign bits of older quants (``.su`` / ``.sv``, int16, 16 signs each) are unpacked
+    to FP16 vectors (``LinearEXL3.unpack_bf``), 16 times their stored size.
+    """
     if t.name.endswith(_MARKERS) and t.dtype == "I32" and not t.shape:
         return 0
-    if t.dtype == "F32" and "norm" in t.name.rsplit(".", 2)[-2]:
+    if t.dtype == "F32" and ("norm" in t.name.rsplit(".", 2)[-2] or t.name.endswith(".bias")):
         return t.nbytes // 2
+    if t.dtype == "I16" and t.name.endswith((".su", ".sv")):
+        return t.nbytes * 16
     return t.nbytes
 
 
