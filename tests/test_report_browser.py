@@ -180,3 +180,32 @@ def test_smollm2_study_page_in_chromium(tmp_path: Path) -> None:
     target = os.environ.get("EXL2OPT_DOCS_SCREENSHOT")
     if target:
         shutil.copyfile(study / "report-screenshot.png", target)
+
+
+def test_guided_study_page_shows_skipped_and_predicted_panels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prediction-guided search stores predictions: the page plots them against the measured values,
+    and lists skipped configurations with their reason."""
+    need_chromium()
+    from fake_engine import FakeBackend
+    from test_report import make_fake_study
+
+    from optimizer.evaldata import EvalText
+    from optimizer.report import write_reports
+    from optimizer.study import open_study, run
+
+    root, spec = make_fake_study(tmp_path, monkeypatch)
+    run(spec=spec, study_name="g", backend_factory=lambda v: FakeBackend(), root=root, exhaustive=False,
+        eval_text=lambda: EvalText(dataset_id="fake", text="abc " * 100))
+    write_reports(study=open_study(study_name="g", storage_url=None, root=root, create=False), out_dir=root / "g")
+    trials = _rows(root / "g" / "trials.csv")
+    dom = check_report_page(root / "g", tmp_path / "profile")
+    with browser_page(tmp_path / "profile2") as page:
+        load(page, (root / "g" / "report.html").as_uri())
+        n_ppl = page.evaluate("document.querySelectorAll('#pvm-ppl .pvm-pt').length")
+        panels = page.evaluate("document.getElementById('pvm').textContent")
+        assert page.errors() == []
+    measured = [r for r in trials if r["status"] == "measured"]
+    assert n_ppl == len(measured) > 0
+    assert "Perplexity: over" in panels and "VRAM: over" in panels
+    skipped = [r for r in dom["configs"] if r["status"] == "skipped"]
+    assert len(skipped) == len({r["config_key"] for r in trials if r["status"] == "skipped"})

@@ -82,6 +82,8 @@ def config_record(r: dict[str, Any], *, front_rank: dict[str, int], noise: dict[
         "download": scrub(str(variants.get(vkey, {}).get("download", ""))),
         "front": front_rank.get(r["config_key"]), "noise_of": noise.get(r["config_key"], ""),
         "duration": r.get("duration_s"),
+        **{f"pred_{k}{s}": _num(r.get(f"predicted_{p}{s}")) for k, p in (("ppl", "ppl"), ("gen", "gen_tok_s"))
+           for s in ("", "_low", "_high")},
     }
 
 
@@ -115,19 +117,27 @@ def protocol_lines(*, eval_p: dict[str, Any], speed_p: dict[str, Any], configs: 
     return lines
 
 
-def vram_panel_lines(configs: Sequence[dict[str, Any]]) -> list[str]:
-    """Predicted (without the overhead term) against measured peak allocation, per GPU measurement."""
+def panel_lines(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """How far predictions were off: VRAM (without the overhead term) against measured peak allocation
+    per GPU measurement; perplexity and speed against the guided search's predictions, when stored."""
     errs = []
     for c in configs:
         for m in c["meas"]:
             d = next((p for p in c["pred"] if p["index"] == m["index"]), None)
             if d and d["total"] - d["overhead"] > 0:
                 errs.append((m["peak"] - (d["total"] - d["overhead"])) / (d["total"] - d["overhead"]))
+    lines = []
+    for name, got, want in (("Perplexity", "ppl", "pred_ppl"), ("Generation speed", "gen", "pred_gen")):
+        rel = [(c[got] - c[want]) / c[want] for c in configs if c["status"] == "measured" and c[got] and c[want]]
+        if rel:
+            lines.append(f"{name}: over {len(rel)} measured configurations the prediction was off by "
+                         f"{100 * statistics.median(abs(x) for x in rel):.1f} % (median absolute), "
+                         f"{100 * max(abs(x) for x in rel):.1f} % at worst.")
     if not errs:
-        return []
+        return lines
     return [f"VRAM: over {len(errs)} measured GPU loads, the measured peak allocation differs from the prediction "
             f"(without the overhead term) by {100 * statistics.median(errs):+.2f} % (median), from "
-            f"{100 * min(errs):+.2f} % to {100 * max(errs):+.2f} % (positive: more than predicted)."]
+            f"{100 * min(errs):+.2f} % to {100 * max(errs):+.2f} % (positive: more than predicted).", *lines]
 
 
 def page_data(*, study: Any, configs: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]],
@@ -152,7 +162,7 @@ def page_data(*, study: Any, configs: Sequence[dict[str, Any]], front: Sequence[
         "configs": recs, "front": [r["config_key"] for r in front],
         "picks": [[tag, r["config_key"]] for tag, r in picks(front).items()], "recommendation": recommendation(front),
         "protocol": protocol_lines(eval_p=ua.get("eval_protocol") or {}, speed_p=ua.get("speed_protocol") or {}, configs=recs),
-        "panels": vram_panel_lines(recs),
+        "panels": panel_lines(recs),
     }
 
 
@@ -161,7 +171,8 @@ def render(data: dict[str, Any]) -> str:
     blob = json.dumps(data, ensure_ascii=True, allow_nan=False, default=str).replace("</", "<\\/")
     html = _asset("page.html")
     title = data["title"].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    for mark, text in (("/*CSS*/", _asset("page.css")), ("/*JS*/", _asset("page.js")), ("__TITLE__", title), ("__DATA__", blob)):
+    js = '"use strict";\n(function () {\n' + _asset("page.js") + _asset("panels.js") + "})();\n"
+    for mark, text in (("/*CSS*/", _asset("page.css")), ("/*JS*/", js), ("__TITLE__", title), ("__DATA__", blob)):
         html = html.replace(mark, text, 1)
     return html
 

@@ -40,8 +40,10 @@ TRIAL_COLUMNS = (
     "context_fill", "vram_excess_gib", "predicted_vram_gib", "measured_vram_gib", "measured_used_gib", "budget_gib",
     "model_loaded", "duplicate_of", "duration_s", "config_key", "alloc_conf",
 )
+#: predictions of the guided search stored on a trial (perplexity and generation tokens/s, with intervals)
+PREDICTED_ATTRS = tuple(f"predicted_{q}{s}" for q in ("ppl", "gen_tok_s") for s in ("", "_low", "_high"))
 #: which trial of a configuration stands for it when it was tried more than once (lower first)
-STATUS_RANK = {"measured": 0, "predicted": 1, "failed": 2, "infeasible": 3, "reused": 4, "outside_space": 5}
+STATUS_RANK = {"measured": 0, "predicted": 1, "skipped": 1, "failed": 2, "infeasible": 3, "reused": 4, "outside_space": 5}
 
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
@@ -93,6 +95,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
             "duration_s": round(dur, 3) if dur is not None else None, "config_key": ua.get("config_key", ""),
             "alloc_conf": ua.get("alloc_conf", ""),
             "predicted": pred or [], "measured": ua.get("measured") or [],
+            **{k: ua.get(k) for k in PREDICTED_ATTRS},
         })
     return rows
 
