@@ -16,10 +16,10 @@ from optimizer.errors import BadOptionError
 from optimizer.formats import RuntimeOptions
 from optimizer.formats.exl2 import Exl2Settings, memory_plan
 from optimizer.formats.exl2_synth import synthesize
+from optimizer.recipes.exl2 import run_recipe
 from optimizer.safetensors_header import write_header_only
 from optimizer.sources.local import discover_local
 from optimizer.space import Budget, Configuration, evaluate, max_context
-from optimizer.tables import run_recipe
 from optimizer.vram import GIB, MIB, MemoryPlan, ModuleCost, Split, place
 
 # --- autosplit: placement is decided by the test forward, not by the inference peak ---------------
