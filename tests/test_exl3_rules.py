@@ -107,6 +107,12 @@ def test_single_gpu_parts_add_up(llama8b: Variant) -> None:
     assert v.fits and v.extras["system_ram"] == 128256 * 4096 * 2
 
 
+def test_a_context_off_the_page_grid_is_unplaced_not_an_error(llama8b: Variant) -> None:
+    v = place_config(llama8b, max_seq_len=1000, cache="fp16", split=Split(), runtime=RuntimeOptions(),
+                     budget_per_device=(24 * GIB,), overhead_per_device=(400 * MIB,))
+    assert not v.placed and not v.fits and "256-token pages" in v.reason
+
+
 def test_autosplit_is_greedy_and_keeps_the_reserve(llama8b: Variant) -> None:
     rt = RuntimeOptions(chunk_len=2048)
     budgets = (4 * GIB, 4 * GIB)

@@ -22,7 +22,7 @@ from optimizer.formats.exl3 import (
 )
 from optimizer.formats.exl3_place import place
 from optimizer.variant import Variant
-from optimizer.vram import MemoryPlan, ModuleCost, Split, VramVerdict
+from optimizer.vram import DeviceBreakdown, MemoryPlan, ModuleCost, Split, VramVerdict
 
 FORMAT = "exl3"
 __all__ = [
@@ -112,6 +112,10 @@ def place_config(
     n = 1 if split.mode == "single" else max(split.n_devices, 1)
     budgets = _expand(budget_per_device, n)
     overheads = _expand(overhead_per_device, n)
+    if max_seq_len < PAGE_SIZE or max_seq_len % PAGE_SIZE:  # exllamav3 asserts whole pages: not loadable
+        devs = tuple(DeviceBreakdown(index=i, budget=budgets[i]) for i in range(n))
+        return VramVerdict(devices=devs, placed=False,
+                           reason=f"exllamav3 caches are whole {PAGE_SIZE}-token pages; {max_seq_len} is not a multiple")
     plan = variant_plan(variant, max_seq_len=max_seq_len, cache=cache, runtime=runtime)
     v = place(plan=plan, split=split, budgets=budgets, overheads=overheads)
     mb = modules_of(variant)
