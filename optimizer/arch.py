@@ -146,8 +146,11 @@ def _int(cfg: Mapping[str, Any], keys: tuple[str, ...] | str, *, default: Any = 
     return iv
 
 
-def parse_arch(config: Mapping[str, Any]) -> ModelArch:
+def parse_arch(config: Mapping[str, Any], *, architectures: Mapping[str, ArchSpec] | None = None) -> ModelArch:
     """Build a :class:`ModelArch` from a parsed config.json.
+
+    ``architectures`` is the table of architectures the caller's format sizes (default
+    :data:`ARCHITECTURES`, ExLlamaV2's set; a format whose engine knows others passes its own).
 
     Raises:
         ModelConfigError: a needed dimension is missing, of the wrong type, or out of range.
@@ -159,9 +162,10 @@ def parse_arch(config: Mapping[str, Any]) -> ModelArch:
     if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
         raise ModelConfigError("config.json lacks 'architectures' (a list naming the model class)")
     name = archs[0]
-    spec = ARCHITECTURES.get(name)
+    table = ARCHITECTURES if architectures is None else architectures
+    spec = table.get(name)
     if spec is None:
-        supported = ", ".join(sorted(ARCHITECTURES))
+        supported = ", ".join(sorted(table))
         raise UnsupportedArchitectureError(
             f"architecture {name!r} is not supported by exl2opt's VRAM model (supported: {supported})"
         )

@@ -36,6 +36,9 @@ def _tiny(arch: str, **over: Any) -> dict[str, Any]:
     cfg = tiny_config(arch, **over)
     if arch == "Gemma2ForCausalLM":
         cfg["hidden_act"] = "gelu_pytorch_tanh"
+    if arch == "MiniMaxM2ForCausalLM":
+        cfg.update(num_local_experts=4, num_experts_per_tok=2, head_dim=64, qk_norm_type="per_layer",
+                   norm_topk_prob=True)
     return cfg
 
 
@@ -57,13 +60,13 @@ def _loaded(root: Path, name: str, cfg: dict[str, Any] | None = None, **kw: Any)
     if name not in _LOADED:
         cfg = cfg if cfg is not None else TINY[name]
         d = write_exl3_dir(root / name, cfg, bits=BITS.get(name, 4.0), **kw)
-        prefix = parse_arch(cfg).spec.lm_prefix
+        prefix = parse_arch(cfg, architectures=ARCHITECTURES).spec.lm_prefix
         _LOADED[name] = (d, oracle_load(d, prefix=prefix))
     return _LOADED[name]
 
 
 def _ours(d: Path) -> tuple[Any, dict[str, int], int]:
-    arch = parse_arch(json.loads((d / "config.json").read_text()))
+    arch = parse_arch(json.loads((d / "config.json").read_text()), architectures=ARCHITECTURES)
     mb = group_modules(arch, read_safetensors_header(d / "model.safetensors"))
     mods = dict(mb.modules)
     mods["model.embed_tokens"] = mb.embedding
@@ -85,7 +88,7 @@ def test_weights_per_module_match_a_cpu_load(root: Path, name: str) -> None:
 @pytest.mark.parametrize("tokens", [256, 768, 4096])
 def test_cache_bytes_match_the_real_cache(root: Path, name: str, tokens: int) -> None:
     d, om = _loaded(root, name)
-    arch = parse_arch(json.loads((d / "config.json").read_text()))
+    arch = parse_arch(json.loads((d / "config.json").read_text()), architectures=ARCHITECTURES)
     for k, v in ((None, None), (4, 4), (4, 6), (2, 8), (8, 3), (5, 5)):
         mode = "fp16" if k is None else f"k{k}v{v}"
         ours = cache_layer_bytes(arch, Exl3Settings(max_num_tokens=tokens, cache=mode)) * arch.num_hidden_layers
@@ -119,6 +122,16 @@ def test_legacy_packed_signs_and_fp32_bias_grow_on_load(root: Path) -> None:
     assert ours == om.modules
 
 
+def test_bf16_router_bias_becomes_fp32(root: Path) -> None:
+    """MiniMax-M2's score-correction bias: FP16 is kept, anything else is loaded as FP32."""
+    cfg = TINY["MiniMaxM2ForCausalLM"]
+    t = synthesize(cfg, bits=4.0, head_bits=6)
+    t = {n: (("BF16", s) if n.endswith("e_score_correction_bias") else (dt, s)) for n, (dt, s) in t.items()}
+    d, om = _loaded(root, "minimax-bf16-bias", cfg, tensors=t)
+    _, ours, _ = _ours(d)
+    assert ours == om.modules
+
+
 def test_vision_tower_is_reported_not_counted(root: Path) -> None:
     cfg = TINY["Gemma3ForConditionalGeneration"]
     t = synthesize(cfg, bits=4.0, head_bits=6)
@@ -143,7 +156,7 @@ def test_quantization_config_json_lists_the_loaded_tensors(root: Path, monkeypat
     with active():
         quant_config.create_quantization_config_json(str(d))
     doc = json.loads((d / "quantization_config.json").read_text())
-    arch = parse_arch(json.loads((d / "config.json").read_text()))
+    arch = parse_arch(json.loads((d / "config.json").read_text()), architectures=ARCHITECTURES)
     from_qc = group_modules(arch, tensors_from_quantization_config(doc))
     from_headers = group_modules(arch, read_safetensors_header(d / "model.safetensors"))
     assert from_qc == from_headers
@@ -177,7 +190,7 @@ def _real_size(root: Path, name: str) -> None:
     _, _, vram_bits = model.get_storage_info()
     norms = sum(t.nbytes for t in read_safetensors_header(d / "model.safetensors")
                 if t.name.endswith("norm.weight") and not t.name.startswith("model.norm"))
-    arch = parse_arch(cfg)
+    arch = parse_arch(cfg, architectures=ARCHITECTURES)
     decoder = sum(v for k, v in ours.items() if k.startswith("model.layers."))
     assert decoder - norms + ours["lm_head"] + 4 * n_lin == int(vram_bits) // 8
     if name == "Llama-3-8B":  # the worked example of the facts (section 1.4), measured with 1.6.5

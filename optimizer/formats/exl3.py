@@ -34,7 +34,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from optimizer.arch import ModelArch
+from optimizer.arch import ARCHITECTURES as _EXL2_ARCHS
+from optimizer.arch import ArchSpec, ModelArch
 from optimizer.errors import BadOptionError, ModelConfigError, UnsupportedArchitectureError
 from optimizer.variant import TensorInfo
 from optimizer.vram import MIB
@@ -60,13 +61,16 @@ QC_STAGING_PAGES = 256
 #: calibrated on a GPU here; the same figure as exl2's. Override per GPU with ``--overhead``.
 DEFAULT_OVERHEAD_BYTES = 400 * MIB
 
-#: Architectures whose modules and cache layers these rules size. exllamav3 1.6.5 knows ~70; those
-#: with sliding-window rings, recurrent (GatedDeltaNet, Mamba) or MLA caches are refused by name.
-ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForConditionalGeneration", "Phi3ForCausalLM",
-    "CohereForCausalLM",
-})
+#: Architectures whose modules and cache layers these rules size (dimensions read as for exl2, see
+#: ``optimizer.arch``). exllamav3 1.6.5 knows ~70; those with sliding-window rings, recurrent
+#: (GatedDeltaNet, Mamba) or MLA caches are refused by name.
+ARCHITECTURES: dict[str, ArchSpec] = {
+    **{name: _EXL2_ARCHS[name] for name in (
+        "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForConditionalGeneration", "Phi3ForCausalLM",
+        "CohereForCausalLM")},
+    "MiniMaxM2ForCausalLM": ArchSpec(is_moe=True),  # block-sparse MoE, full attention with per-layer q/k norms
+}
 
 _BITS = range(2, 9)
 _MODE_RE = re.compile(r"^k([2-8])v([2-8])$")
@@ -166,15 +170,17 @@ def check_architecture(arch_name: str) -> None:
 
 
 _MARKERS = (".mul1", ".mcg")
+_DTYPE_SIZE = {"BF16": 2, "F32": 4, "F64": 8}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def device_bytes(t: TensorInfo) -> int:
     """Bytes one stored tensor occupies on the GPU once loaded (see the module docstring).
 
-    Besides the codebook marker (0) and FP32 norms (halved): an FP32 linear bias is loaded as FP16,
-    and the packed sign bits of older quants (``.su`` / ``.sv``, int16, 16 signs each) are unpacked
-    to FP16 vectors (``LinearEXL3.unpack_bf``), 16 times their stored size.
+    Besides the codebook marker (0) and FP32 norms (halved): an FP32 linear bias is loaded as FP16, a
+    MoE router's score-correction bias stays FP16 or becomes FP32, and the packed sign bits of older
+    quants (``.su`` / ``.sv``, int16, 16 signs each) are unpacked to FP16 vectors
+    (``LinearEXL3.unpack_bf``), 16 times their stored size.
     """
     if t.name.endswith(_MARKERS) and t.dtype == "I32" and not t.shape:
         return 0
@@ -182,6 +188,8 @@ def device_bytes(t: TensorInfo) -> int:
         return t.nbytes // 2
     if t.dtype == "I16" and t.name.endswith((".su", ".sv")):
         return t.nbytes * 16
+    if t.name.endswith(".e_score_correction_bias") and t.dtype != "F16":  # MoE router bias: FP16 kept, else FP32
+        return t.nbytes // max(1, _DTYPE_SIZE.get(t.dtype, 4)) * 4
     return t.nbytes
 
 

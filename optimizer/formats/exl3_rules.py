@@ -7,6 +7,7 @@ from functools import lru_cache
 from optimizer.arch import ModelArch, parse_arch
 from optimizer.formats import RuntimeOptions
 from optimizer.formats.exl3 import (
+    ARCHITECTURES,
     CACHE_MODE_HELP,
     CACHE_MODE_NAMES,
     DEFAULT_CACHE_MODES,
@@ -36,7 +37,7 @@ def _arch_cached(variant: Variant) -> ModelArch:
     archs = variant.config.get("architectures")
     if isinstance(archs, list) and archs and isinstance(archs[0], str):
         check_architecture(archs[0])
-    return parse_arch(variant.config)
+    return parse_arch(variant.config, architectures=ARCHITECTURES)
 
 
 def arch_of(variant: Variant) -> ModelArch:

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from optimizer.arch import ModelArch, parse_arch
-from optimizer.formats.exl3 import check_architecture
+from optimizer.formats.exl3 import ARCHITECTURES, check_architecture
 
 #: The mul1 codebook marker value every linear of a mul1 quant stores.
 MUL1_MARKER = 0x83DCD12D
@@ -33,6 +33,7 @@ MUL1_MARKER = 0x83DCD12D
 Tensors = dict[str, tuple[str, tuple[int, ...]]]
 
 _QK_NORM = frozenset({"Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForConditionalGeneration"})
+_BLOCK_SPARSE = frozenset({"MixtralForCausalLM", "MiniMaxM2ForCausalLM"})  # block_sparse_moe.experts.N.w1/w2/w3
 _QKV_BIAS = frozenset({"Qwen2ForCausalLM"})
 
 
@@ -68,7 +69,7 @@ def _linears(arch: ModelArch) -> list[tuple[str, int, int, bool]]:
         out += [(f"{lk}.self_attn.q_proj", h, q_out, bias), (f"{lk}.self_attn.k_proj", h, kv_out, bias),
                 (f"{lk}.self_attn.v_proj", h, kv_out, bias), (f"{lk}.self_attn.o_proj", q_out, h, False)]
         if arch.spec.is_moe:
-            mixtral = arch.architecture == "MixtralForCausalLM"
+            mixtral = arch.architecture in _BLOCK_SPARSE
             e_key = "block_sparse_moe" if mixtral else "mlp"
             g, u, dn = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
             for e in range(arch.num_experts or 0):
@@ -101,7 +102,7 @@ def synthesize(config: Mapping[str, Any], *, bits: float, head_bits: int) -> Ten
     archs = config.get("architectures")
     if isinstance(archs, list) and archs and isinstance(archs[0], str):
         check_architecture(archs[0])
-    arch = parse_arch(config)
+    arch = parse_arch(config, architectures=ARCHITECTURES)
     p = arch.spec.lm_prefix
     h, d = arch.hidden_size, arch.head_dim
     lins = _linears(arch)
@@ -120,9 +121,14 @@ def synthesize(config: Mapping[str, Any], *, bits: float, head_bits: int) -> Ten
         if arch.architecture in _QK_NORM:
             t[f"{lk}.self_attn.q_norm.weight"] = ("F16", (d,))
             t[f"{lk}.self_attn.k_norm.weight"] = ("F16", (d,))
+        if arch.architecture == "MiniMaxM2ForCausalLM":  # q/k norms span all heads
+            t[f"{lk}.self_attn.q_norm.weight"] = ("F16", (arch.num_attention_heads * d,))
+            t[f"{lk}.self_attn.k_norm.weight"] = ("F16", (arch.kv_dim,))
         if arch.spec.is_moe:
-            e_key = "block_sparse_moe" if arch.architecture == "MixtralForCausalLM" else "mlp"
+            e_key = "block_sparse_moe" if arch.architecture in _BLOCK_SPARSE else "mlp"
             t[f"{lk}.{e_key}.gate.weight"] = ("F16", (arch.num_experts or 0, h))
+            if arch.architecture == "MiniMaxM2ForCausalLM":
+                t[f"{lk}.{e_key}.gate.e_score_correction_bias"] = ("F32", (arch.num_experts or 0,))
         for key, (a, b, bias, k) in by_key.items():
             if key.startswith(lk + "."):
                 t.update(exl3_linear(key, a, b, k, bias=bias))
