@@ -92,6 +92,11 @@ class EngineError(Exl2optError):
     """One configuration failed inside a backend (the engine freed the GPU and stays usable)."""
 
 
+class EngineTransientError(EngineError):
+    """A configuration failed for a passing reason (the Hub unreachable after bounded retries); the
+    study measures it again in its next run instead of recording the failure as final."""
+
+
 class EngineOOMError(EngineError):
     """A configuration ran out of device memory while loading or measuring (trial reason ``oom``)."""
 

@@ -7,7 +7,7 @@ front by brute force. Every call is appended to ``FakeEngine.calls`` and, when t
 variable ``FAKE_ENGINE_LOG`` names a file, to that file as JSON lines (so a test can see calls made
 by a subprocess). ``FAKE_ENGINE_DELAY`` (seconds) slows each measurement; ``FAKE_ENGINE_OOM`` is a
 comma-separated list of ``cache@ctx`` that raise EngineOOMError; ``FAKE_ENGINE_ERROR`` makes every
-load fail with that message (an EngineError).
+load fail with that message (an EngineError; an EngineTransientError when ``FAKE_ENGINE_TRANSIENT=1``).
 
 The measured memory is the prediction plus ``extra_bytes`` per device (``FAKE_ENGINE_EXTRA_BYTES``;
 may be negative), so a test can make a configuration that was predicted to fit measure over budget.
@@ -29,7 +29,7 @@ from optimizer.backends.base import (
     SpeedProtocol,
     SpeedResult,
 )
-from optimizer.errors import EngineError, EngineOOMError
+from optimizer.errors import EngineError, EngineOOMError, EngineTransientError
 from optimizer.space import Budget, Configuration, evaluate
 from optimizer.variant import Variant
 
@@ -73,7 +73,7 @@ class FakeEngine:
         error = os.environ.get("FAKE_ENGINE_ERROR", "")
         if error:
             self._log("error", f"{spec.variant.key}|{spec.cache}|{spec.max_seq_len}")
-            raise EngineError(error)
+            raise (EngineTransientError if os.environ.get("FAKE_ENGINE_TRANSIENT") == "1" else EngineError)(error)
         oom = {s for s in os.environ.get("FAKE_ENGINE_OOM", "").split(",") if s}
         if f"{spec.cache}@{spec.max_seq_len}" in oom:
             self.unload()

@@ -153,6 +153,8 @@ class FakeHub:
     #: (``{"ETag": "../../x"}``), and ref commits as listed (``{branch: "../../x"}``)
     resolve_headers: dict[str, str] = field(default_factory=dict)
     listed_commits: dict[str, str] = field(default_factory=dict)
+    #: flaky-Hub knob: the next this many GETs are answered 503 (then it serves again)
+    unavailable: int = 0
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -290,6 +292,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         path = self._record()
+        if self.fake.unavailable > 0:
+            self.fake.unavailable -= 1
+            return self._error(503, "ServiceUnavailable", "try again later")
         m = _API_RE.match(path)
         if m:
             return self._api(m)

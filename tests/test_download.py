@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 from fakehub import FakeFile, FakeRepo, exl2_files
 
-from optimizer.errors import EngineError
+from optimizer.errors import EngineError, EngineTransientError
 from optimizer.sources import HubOptions, RepoSpec
-from optimizer.sources.download import local_path
+from optimizer.sources.download import RetryPolicy, local_path
 from optimizer.sources.hub import discover_hub
 
 
@@ -49,16 +50,51 @@ def test_local_variant_is_returned_as_is(tmp_path):
     assert local_path(v) == str(d)
 
 
-@pytest.mark.slow
-def test_download_failure_is_one_line_engine_error(fake_hub, tmp_path, monkeypatch):
+#: retries fast enough for a test (the default waits 2 + 4 + 8 s)
+FAST = RetryPolicy(attempts=3, first_delay_s=0.01)
+
+
+def test_hub_gone_is_a_transient_one_line_engine_error_after_bounded_retries(fake_hub, tmp_path, monkeypatch):
     files, _ = exl2_files(4.0, 6)
     fake_hub.add(FakeRepo("org/Gone", {"4.0bpw": _full(files)}))
     opts = HubOptions(endpoint=fake_hub.endpoint, cache_dir=str(tmp_path / "c"))
     (v,) = discover_hub(spec=RepoSpec("org/Gone"), options=opts)
     fake_hub.stop()
     monkeypatch.setenv("HF_ENDPOINT", fake_hub.endpoint)
-    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
-    with pytest.raises(EngineError) as e:
-        local_path(v)
-    assert "org/Gone@4.0bpw" in str(e.value) and "\n" not in str(e.value)
+    t0 = time.monotonic()
+    with pytest.raises(EngineTransientError) as e:
+        local_path(v, retry=FAST)
+    assert time.monotonic() - t0 < 10  # our bounded retries only: no library back-off of its own
+    assert "org/Gone@4.0bpw" in str(e.value) and "after 3 attempts" in str(e.value) and "\n" not in str(e.value)
     assert os.environ.get("HF_TOKEN") is None
+
+
+def test_a_flaky_hub_is_retried_and_the_download_completes(fake_hub, tmp_path, monkeypatch):
+    files, _ = exl2_files(4.0, 6)
+    fake_hub.add(FakeRepo("org/Flaky", {"4.0bpw": _full(files)}))
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.endpoint)
+    opts = HubOptions(endpoint=fake_hub.endpoint, cache_dir=str(tmp_path / "c"))
+    (v,) = discover_hub(spec=RepoSpec("org/Flaky"), options=opts)
+    fake_hub.unavailable = 2  # the listing and then the first file GET fail with 503
+    path = Path(local_path(v, retry=FAST))
+    assert (path / "output.safetensors").read_bytes() == files["output.safetensors"].data
+    assert fake_hub.unavailable == 0
+
+
+def test_a_missing_repo_is_final_not_retried(fake_hub, tmp_path, monkeypatch):
+    files, _ = exl2_files(4.0, 6)
+    repo = fake_hub.add(FakeRepo("org/Deleted", {"4.0bpw": _full(files)}))
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.endpoint)
+    opts = HubOptions(endpoint=fake_hub.endpoint, cache_dir=str(tmp_path / "c"))
+    (v,) = discover_hub(spec=RepoSpec("org/Deleted"), options=opts)
+    del fake_hub.repos[repo.repo_id]
+    before = len(fake_hub.requests)
+    with pytest.raises(EngineError) as e:
+        local_path(v, retry=FAST)
+    assert not isinstance(e.value, EngineTransientError)
+    assert len(fake_hub.requests) - before == 1  # one listing GET, no retry
+
+
+def test_retry_policy_waits_are_bounded() -> None:
+    assert RetryPolicy(attempts=5, first_delay_s=2.0, max_delay_s=5.0).delays() == [2.0, 4.0, 5.0, 5.0]
+    assert RetryPolicy(attempts=1).delays() == []

@@ -238,17 +238,20 @@ def test_eval_data_local_files_and_offline_message(tmp_path: Path, monkeypatch: 
     assert load_eval_text(path=pq).text == "one\n\ntwo"
     with pytest.raises(EvalDataError):
         load_eval_text(path=tmp_path / "e.csv")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(EvalDataError) as ei:
-        load_eval_text(path=None)
-    assert "--eval-data" in str(ei.value) and "\n" not in str(ei.value)
+    # offline: in a child process, because huggingface_hub and datasets read HF_HUB_OFFLINE once, at
+    # import, and would stay offline for every later test of this process
+    probe = ("from optimizer.errors import EvalDataError\nfrom optimizer.evaldata import load_eval_text\n"
+             "try:\n    load_eval_text(path=None)\nexcept EvalDataError as e:\n    print(str(e))\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    msg = out.stdout.strip()
+    assert "--eval-data" in msg and "\n" not in msg
 
 
 def test_cli_search_without_gpu_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import torch
-
+    torch = pytest.importorskip("torch")
     from optimizer.cli import main
 
     if torch.cuda.is_available():  # pragma: no cover

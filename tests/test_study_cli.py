@@ -47,7 +47,8 @@ def _env(tmp_path: Path, delay: float = 0.0, **extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["FAKE_ENGINE_LOG"] = str(tmp_path / "engine.log")
     env["FAKE_ENGINE_DELAY"] = str(delay)
-    for k in ("FAKE_ENGINE_OOM", "FAKE_ENGINE_ERROR", "FAKE_ENGINE_EXTRA_BYTES", "EXL2OPT_STORAGE"):
+    for k in ("FAKE_ENGINE_OOM", "FAKE_ENGINE_ERROR", "FAKE_ENGINE_TRANSIENT", "FAKE_ENGINE_EXTRA_BYTES",
+              "EXL2OPT_STORAGE"):
         env.pop(k, None)
     env.update(extra)
     return env
@@ -176,6 +177,30 @@ def test_all_failed_says_so_with_the_most_common_reason(tmp_path: Path, models: 
     assert f"All {N_CONFIGS} configurations that fit the budget failed" in r.stdout
     assert f"({N_CONFIGS} of {N_CONFIGS}): exllamav2 is not built" in r.stdout
     assert "not a VRAM budget problem" in r.stdout and "larger --vram" not in r.stdout
+
+
+def test_transient_failures_are_measured_again_on_resume(tmp_path: Path, models: Path, eval_file: Path) -> None:
+    root = tmp_path / "st"
+    r = _run(_search(models, eval_file, root), _env(tmp_path, FAKE_ENGINE_ERROR="org/M: cannot download (ConnectError)",
+                                                    FAKE_ENGINE_TRANSIENT="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{N_CONFIGS} configuration(s) failed for a passing reason (org/M: cannot download" in r.stdout
+    assert "All " not in r.stdout  # not reported as final failures
+    (resume,) = printed_commands(r.stdout)
+    again = _run(argv_of(resume), _env(tmp_path))
+    assert again.returncode == 0, again.stderr[-2000:]
+    measured = {t.user_attrs["config_key"] for t in _trials(root) if t.user_attrs.get("status") == "measured"}
+    assert len(measured) == N_CONFIGS
+
+
+def test_a_worker_does_not_loop_on_transient_failures(tmp_path: Path, models: Path, eval_file: Path) -> None:
+    cmd = [sys.executable, "-m", "optimizer", "worker", "--study", "w", "--studies-dir", str(tmp_path / "st"),
+           "-m", str(models), "--vram", "8GB", "--ctx", "2048", "--cache", "fp16,q4", "--eval-data", str(eval_file),
+           "--backend-factory", "fake_engine:fake_backend_factory", "--poll", "0.2"]
+    r = _run(cmd, _env(tmp_path, FAKE_ENGINE_ERROR="hub unreachable", FAKE_ENGINE_TRANSIENT="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{N_CONFIGS} configuration(s) failed for a passing reason (hub unreachable)" in r.stdout
+    assert sum(w == "error" for w, _ in _calls(tmp_path / "engine.log")) == N_CONFIGS  # each tried once here
 
 
 def test_all_oom_points_at_the_budget(tmp_path: Path, models: Path, eval_file: Path) -> None:

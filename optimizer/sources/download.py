@@ -4,13 +4,18 @@ Discovery never downloads weights; a ``search`` trial that must load a Hub varia
 :func:`local_path`, which downloads exactly that variant at its recorded commit and returns a local
 path the engine can open. Local variants are returned as they are.
 
-The files are listed with huggingface_hub (``HfApi.list_repo_tree``) and fetched with plain GETs
-into exl2opt's own directory ``<cache>/weights/<hash>/`` (``<hash>``: SHA-256 of endpoint, repo and
+The files are listed (the Hub's tree API, paged) and fetched with plain GETs through huggingface_hub's
+HTTP session into exl2opt's own directory ``<cache>/weights/<hash>/`` (``<hash>``: SHA-256 of endpoint, repo and
 commit), under their repo paths after :func:`~optimizer.sources.names.path_problem` accepted them.
 Server-chosen values (``ETag``, ``X-Repo-Commit``) never become paths, unlike huggingface_hub's own
 cache. Each file is written to a temporary name and renamed when its size matches the listing;
 a file already present with the listed size is kept (a rerun resumes). ``HF_ENDPOINT`` and
 ``HF_TOKEN`` are read as huggingface_hub reads them; the token is never shown.
+
+A transient failure (connection refused or reset, timeout, HTTP 408/429/5xx) is retried by
+:class:`RetryPolicy` (bounded, with back-off); if it persists the configuration fails with
+:class:`~optimizer.errors.EngineTransientError`, which the study measures again in its next run
+instead of recording it as final.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
-from optimizer.errors import EngineError, Exl2optError
+from optimizer.errors import EngineError, EngineTransientError, Exl2optError
 from optimizer.formats import LEFTOVERS, format_spec
 from optimizer.sources.names import is_commit, path_problem, revision_problem
 from optimizer.textsafe import safe
@@ -31,25 +39,66 @@ _SKIP = LEFTOVERS
 _CHUNK = 8 * 2**20
 
 
-def local_path(variant: Variant) -> str:
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries of transient download failures: ``attempts`` in all, waiting ``first_delay_s``
+    seconds after the first failure and twice as long after each further one (at most ``max_delay_s``)."""
+
+    attempts: int = 4
+    first_delay_s: float = 2.0
+    max_delay_s: float = 30.0
+
+    def delays(self) -> list[float]:
+        """The waits between attempts, in seconds."""
+        return [min(self.first_delay_s * 2**i, self.max_delay_s) for i in range(max(self.attempts - 1, 0))]
+
+
+DEFAULT_RETRY = RetryPolicy()
+#: HTTP statuses worth another attempt (timeouts, rate limits, server errors).
+_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+#: Transport exception classes (httpx and friends, matched by name) worth another attempt.
+_TRANSIENT_NAMES = frozenset({"TransportError", "TimeoutException", "NetworkError", "RemoteProtocolError",
+                              "ProtocolError", "ConnectionError", "Timeout"})
+
+
+def local_path(variant: Variant, *, retry: RetryPolicy = DEFAULT_RETRY) -> str:
     """A local directory (exl2) or first file (GGUF) holding ``variant``, downloading it if needed.
 
     Raises:
-        EngineError: the download failed or a name is unsafe (one line; the token is never shown).
+        EngineTransientError: the Hub could not be reached after ``retry.attempts`` attempts.
+        EngineError: the download failed for good or a name is unsafe (one line; the token is never shown).
     """
     loc = variant.location
     if loc.kind == "local":
         if not loc.path:
             raise EngineError(f"{safe(variant.source)}: no local path")
         return loc.path
-    try:
-        return _download(variant)
-    except EngineError:
-        raise
-    except Exl2optError as e:
-        raise EngineError(f"{safe(variant.source)}: cannot download ({safe(e)})") from None
-    except Exception as e:  # any Hub/transport/disk failure fails this configuration only
-        raise EngineError(f"{safe(variant.source)}: cannot download ({type(e).__name__})") from None
+    delays = retry.delays()
+    for attempt in range(1, len(delays) + 2):
+        try:
+            return _download(variant)
+        except EngineError:
+            raise
+        except Exception as e:  # any Hub/transport/disk failure fails this configuration only
+            what = safe(e) if isinstance(e, Exl2optError) else type(e).__name__
+            if not is_transient(e):
+                raise EngineError(f"{safe(variant.source)}: cannot download ({what})") from None
+            if attempt > len(delays):
+                raise EngineTransientError(f"{safe(variant.source)}: cannot download ({what}) after {attempt} "
+                                           "attempts; it is tried again when the search resumes") from None
+            time.sleep(delays[attempt - 1])
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a failed download is worth another attempt: a transport error or an HTTP 408/429/5xx."""
+    response = getattr(e, "response", None)
+    status = getattr(response, "status_code", None)
+    if isinstance(status, int):
+        return status in _TRANSIENT_STATUS
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    return any(c.__name__ in _TRANSIENT_NAMES for c in type(e).__mro__)
 
 
 def _pin(variant: Variant) -> str:
@@ -72,7 +121,6 @@ def weights_dir(*, endpoint: str, repo_id: str, pin: str) -> Path:
 
 
 def _download(variant: Variant) -> str:
-    from huggingface_hub import HfApi, RepoFile
     from huggingface_hub.utils import build_hf_headers, disable_progress_bars
 
     from optimizer.sources.hub_files import file_url
@@ -86,8 +134,8 @@ def _download(variant: Variant) -> str:
     sub = loc.subfolder or ""
     if sub and path_problem(sub):
         raise EngineError(f"{safe(variant.source)}: refusing to download: unsafe sub-folder {safe(repr(sub))}")
-    listed = {e.path: int(e.size) for e in HfApi(endpoint=endpoint, token=token, library_name="exl2opt")
-              .list_repo_tree(repo, revision=pin, recursive=True) if isinstance(e, RepoFile)}
+    headers = build_hf_headers(token=token, library_name="exl2opt")
+    listed = _list_files(endpoint=endpoint, repo_id=repo, pin=pin, headers=headers)
     if format_spec(variant.format).layout == "files":
         wanted = [f"{sub}/{f}" if sub else f for f in loc.files]
         missing = [w for w in wanted if w not in listed]
@@ -96,7 +144,6 @@ def _download(variant: Variant) -> str:
     else:
         wanted = sorted(p for p in listed if (not sub or p.startswith(sub + "/")) and os.path.basename(p) not in _SKIP)
     root = weights_dir(endpoint=endpoint, repo_id=repo, pin=pin)
-    headers = build_hf_headers(token=token, library_name="exl2opt")
     for path in wanted:
         why = path_problem(path)
         if why is not None:
@@ -106,6 +153,27 @@ def _download(variant: Variant) -> str:
     if format_spec(variant.format).layout == "files":
         return str(root / wanted[0])
     return str(root / sub) if sub else str(root)
+
+
+def _list_files(*, endpoint: str, repo_id: str, pin: str, headers: dict[str, str]) -> dict[str, int]:
+    """Every file of the repo at ``pin``: path -> size in bytes (the tree API, following ``Link: rel=next``).
+
+    One GET per page and no retries of its own (:func:`local_path` retries the whole download)."""
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+
+    url: str | None = f"{endpoint}/api/models/{repo_id}/tree/{quote(pin, safe='')}"
+    params: dict[str, str] | None = {"recursive": "true", "expand": "false"}
+    out: dict[str, int] = {}
+    for _ in range(100000):  # pages; a server that pages forever is cut off
+        if url is None:
+            return out
+        resp = get_session().get(url, params=params, headers=headers, timeout=60)
+        hf_raise_for_status(resp)
+        for entry in resp.json():
+            if isinstance(entry, dict) and entry.get("type") == "file":
+                out[str(entry["path"])] = int(entry["size"])
+        url, params = resp.links.get("next", {}).get("url"), None
+    raise EngineError(f"{safe(repo_id)}: the file listing does not end")
 
 
 def _fetch(*, url: str, headers: dict[str, str], dest: Path, size: int) -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from optimizer.allocator import AllocatorSetting, for_backend
 from optimizer.backends.base import Backend, Engine, EvalProtocol, LoadSpec
 from optimizer.backends.progress import on_window
-from optimizer.errors import EngineError, EngineOOMError
+from optimizer.errors import EngineError, EngineOOMError, EngineTransientError
 from optimizer.evaldata import EvalText
 from optimizer.storage import first_line
 from optimizer.study.candidates import Candidate, base_attrs, measured_excess_gib
@@ -175,6 +175,8 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
         reason = "oom" if isinstance(e, EngineOOMError) else (str(e) or type(e).__name__)
         trial.set_user_attr("status", "failed")
         trial.set_user_attr("reason", reason)
+        if isinstance(e, EngineTransientError):  # e.g. the Hub unreachable: measured again by the next run
+            trial.set_user_attr("retry", True)
         if ppl_key in st.ppl:  # perplexity was measured before e.g. speed failed: keep it for later runs
             trial.set_user_attr("ppl_key", ppl_key)
             trial.set_user_attr("perplexity", st.ppl[ppl_key])

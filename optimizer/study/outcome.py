@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from optimizer.study.trials import Ledger
+from optimizer.study.trials import INTERRUPTED, Ledger
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class StudyTally:
     failed: int = 0
     left: int = 0
     failures: tuple[tuple[str, int], ...] = ()
+    retry_later: tuple[tuple[str, int], ...] = ()  #: (reason, count) of not-done ones that failed for a passing reason
 
 
 def tally(led: Ledger, feasible_keys: Collection[str]) -> StudyTally:
@@ -27,8 +29,9 @@ def tally(led: Ledger, feasible_keys: Collection[str]) -> StudyTally:
     measured = sum(1 for k, d in led.done.items() if k in keys and d.get("status") == "measured")
     reasons = led.failure_reasons(keys)
     failed = sum(reasons.values())
+    later = Counter(r for k, r in led.retry.items() if k in keys and k not in led.done and r != INTERRUPTED)
     return StudyTally(measured=measured, failed=failed, left=len(keys) - measured - failed,
-                      failures=tuple(reasons.most_common()))
+                      failures=tuple(reasons.most_common()), retry_later=tuple(later.most_common()))
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,10 @@ def ending(res: SearchResult, *, resume: str, report: str) -> list[str]:
     if t.failed:
         reason, count = t.failures[0]
         lines.append(f"{t.failed} configuration(s) failed when measured (most common reason, {count}x: {reason}).")
+    if t.retry_later:
+        n = sum(c for _, c in t.retry_later)
+        lines.append(f"{n} configuration(s) failed for a passing reason ({t.retry_later[0][0]}) and are measured "
+                     f"again when you resume with `{resume}`")
     if res.stop_reason in ("n_trials", "timeout") and t.left:
         lines.append(f"Stopped by --{res.stop_reason.replace('_', '-')} with {t.left} configuration(s) left; "
                      f"continue with `{resume}`")

@@ -97,6 +97,7 @@ class Ledger:
     stale: dict[str, int] = field(default_factory=dict)  # key -> times it went stale
     waiting: int = 0
     recorded_infeasible: set[str] = field(default_factory=set)
+    retry: dict[str, str] = field(default_factory=dict)  # key -> reason of its last retryable failure
 
     def failure_reasons(self, keys: set[str] | None = None) -> Counter[str]:
         """How often each reason failed a done configuration (only ``keys`` when given)."""
@@ -118,6 +119,8 @@ def scan(study: optuna.Study, *, max_retry: int = DEFAULT_MAX_RETRY) -> Ledger:
             led.running[key] = t.number
         elif kind == "stale":
             led.stale[key] = led.stale.get(key, 0) + 1
+        elif kind == "retry":
+            led.retry[key] = str(ua.get("reason") or "unknown")
         elif kind == "done":
             status = ua.get("status")
             if status == "infeasible":

@@ -178,9 +178,9 @@ def run_worker(
                     if swept:
                         say(f"failed stale trial(s) {swept} (no heartbeat); they will be retried")
                     led = scan(study, max_retry=options.max_retry)
-                    claim = _claim(study, storage, led, feasible, by_key, dists, spec)
+                    claim = _claim(study, storage, led, feasible, by_key, dists, spec, tried=set(st.done))
                 if claim is None:
-                    if not feasible_keys - set(led.done):
+                    if not feasible_keys - set(led.done) - set(st.done):  # st.done: failed here for a passing reason too
                         stop = "exhausted"
                         break
                     # everything left runs on other workers: wait for them (or for them to go stale)
@@ -251,14 +251,14 @@ def _where(url: str | None) -> str:
     return f" {safe_url(url)}" if url else ""
 
 
-def _claim(study: optuna.Study, storage: Any, led: Ledger, feasible: list[Candidate],
-           by_key: dict[str, Candidate], dists: dict[str, Any], spec: SearchSpec) -> tuple[Any, Candidate] | None:
+def _claim(study: optuna.Study, storage: Any, led: Ledger, feasible: list[Candidate], by_key: dict[str, Candidate],
+           dists: dict[str, Any], spec: SearchSpec, *, tried: set[str]) -> tuple[Any, Candidate] | None:
     """Under the claim lock: turn the next free configuration into a RUNNING trial of ours.
 
     WAITING trials (stale retries, leftovers) are popped first; one that names a finished or
     running configuration is settled at once as ``reused`` (no GPU).
     """
-    taken = set(led.done) | set(led.running)
+    taken = set(led.done) | set(led.running) | tried  # tried: this worker's results, e.g. a transient failure
     todo = [c for c in feasible if c.key not in taken]
     waiting = led.waiting
     for _ in range(waiting + 2):
