@@ -183,7 +183,7 @@ def parse_arch(config: Mapping[str, Any], *, architectures: Mapping[str, ArchSpe
     experts: int | None = None
     per_tok: int | None = None
     if spec.is_moe:
-        experts = _int(config, ("num_local_experts", "num_experts"), hi=4096)
+        experts = _int(config, ("num_local_experts", "num_experts", "n_routed_experts"), hi=4096)
         per_tok = _int(config, ("num_experts_per_tok",), hi=experts)
         inter = _int(config, ("moe_intermediate_size",), default=inter)
     vocab = _int(config, "vocab_size", default=d.get("vocab_size", _MISSING))

@@ -11,6 +11,7 @@ real ``Cache`` classes' ``storage_size()``.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,11 @@ from exl3_stubs import active, import_exllamav3
 from oracle_util import REAL_CONFIGS, tiny_config, tiny_gemma3_config
 
 from optimizer.arch import parse_arch
-from optimizer.formats.exl3 import ARCHITECTURES, Exl3Settings, cache_layer_bytes, group_modules
+from optimizer.errors import ModelConfigError
+from optimizer.formats.exl3 import ARCHITECTURES, Exl3Settings, cache_layer_bytes, group_modules, mtp_layers
 from optimizer.formats.exl3_qconfig import tensors_from_quantization_config
 from optimizer.formats.exl3_synth import exl3_linear, synthesize
-from optimizer.safetensors_header import read_safetensors_header
+from optimizer.safetensors_header import DTYPE_BYTES, read_safetensors_header
 
 pytestmark = pytest.mark.oracle
 
@@ -36,6 +38,10 @@ def _tiny(arch: str, **over: Any) -> dict[str, Any]:
     cfg = tiny_config(arch, **over)
     if arch == "Gemma2ForCausalLM":
         cfg["hidden_act"] = "gelu_pytorch_tanh"
+    if arch == "Glm4MoeForCausalLM":
+        cfg.update(moe_intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                   first_k_dense_replace=1, head_dim=64, use_qk_norm=True, attention_bias=True,
+                   partial_rotary_factor=0.5, num_nextn_predict_layers=1, norm_topk_prob=True)
     if arch == "MiniMaxM2ForCausalLM":
         cfg.update(num_local_experts=4, num_experts_per_tok=2, head_dim=64, qk_norm_type="per_layer",
                    norm_topk_prob=True)
@@ -66,8 +72,9 @@ def _loaded(root: Path, name: str, cfg: dict[str, Any] | None = None, **kw: Any)
 
 
 def _ours(d: Path) -> tuple[Any, dict[str, int], int]:
-    arch = parse_arch(json.loads((d / "config.json").read_text()), architectures=ARCHITECTURES)
-    mb = group_modules(arch, read_safetensors_header(d / "model.safetensors"))
+    cfg = json.loads((d / "config.json").read_text())
+    arch = parse_arch(cfg, architectures=ARCHITECTURES)
+    mb = group_modules(arch, read_safetensors_header(d / "model.safetensors"), extra_layers=mtp_layers(cfg))
     mods = dict(mb.modules)
     mods["model.embed_tokens"] = mb.embedding
     return arch, mods, mb.n_linears
@@ -130,6 +137,21 @@ def test_bf16_router_bias_becomes_fp32(root: Path) -> None:
     d, om = _loaded(root, "minimax-bf16-bias", cfg, tensors=t)
     _, ours, _ = _ours(d)
     assert ours == om.modules
+
+
+def test_glm_mtp_layer_is_reported_not_counted(root: Path) -> None:
+    """GLM-4.5 checkpoints store a multi-token-prediction layer after the decoder; the text model never loads it."""
+    cfg = TINY["Glm4MoeForCausalLM"]
+    t = synthesize(cfg, bits=4.0, head_bits=6)
+    mtp = {n.replace("model.layers.1.", "model.layers.2."): v for n, v in t.items() if n.startswith("model.layers.1.")}
+    t.update(mtp)
+    d, om = _loaded(root, "glm-mtp", cfg, tensors=t)
+    arch, ours, _ = _ours(d)
+    assert ours == om.modules
+    mb = group_modules(arch, read_safetensors_header(d / "model.safetensors"), extra_layers=1)
+    assert mb.not_loaded == sum(math.prod(s) * DTYPE_BYTES[dt] for dt, s in mtp.values())
+    with pytest.raises(ModelConfigError, match="layer 2"):
+        group_modules(arch, read_safetensors_header(d / "model.safetensors"))
 
 
 def test_vision_tower_is_reported_not_counted(root: Path) -> None:

@@ -31,8 +31,9 @@ Example (Llama-3-8B shapes, every decoder linear at 4 bits, head at 6): decoder 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from optimizer.arch import ARCHITECTURES as _EXL2_ARCHS
 from optimizer.arch import ArchSpec, ModelArch
@@ -70,6 +71,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForConditionalGeneration", "Phi3ForCausalLM",
         "CohereForCausalLM")},
     "MiniMaxM2ForCausalLM": ArchSpec(is_moe=True),  # block-sparse MoE, full attention with per-layer q/k norms
+    "Glm4MoeForCausalLM": ArchSpec(is_moe=True),  # GLM-4.5/4.6: dense first layers, shared experts, MTP layers
 }
 
 _BITS = range(2, 9)
@@ -210,12 +212,15 @@ class ModuleBytes:
     n_linears: int
 
 
-def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo]) -> ModuleBytes:
+def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo], *, extra_layers: int = 0) -> ModuleBytes:
     """Bytes per exllamav3 top-level module, in load order.
 
+    ``extra_layers``: layers stored after the decoder that the text model does not load (GLM's
+    multi-token-prediction layers, ``num_nextn_predict_layers``); they are reported as not loaded.
+
     Raises:
-        ModelConfigError: a layer index beyond ``num_hidden_layers``, or no head tensors and an
-            untied config.
+        ModelConfigError: a layer index beyond ``num_hidden_layers`` (+ ``extra_layers``), or no head
+            tensors and an untied config.
     """
     prefix = arch.spec.lm_prefix
     n = arch.num_hidden_layers
@@ -245,6 +250,9 @@ def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo]) -> ModuleBytes
                 other += t.nbytes
                 continue
             i = int(m.group(1))
+            if n <= i < n + extra_layers:
+                other += t.nbytes
+                continue
             if i >= n:
                 raise ModelConfigError(f"weights hold layer {i} but config.json says num_hidden_layers = {n}")
             blocks[i] += b
@@ -254,6 +262,12 @@ def group_modules(arch: ModelArch, tensors: Iterable[TensorInfo]) -> ModuleBytes
         head = 2 * arch.hidden_size * _pad(arch.vocab_size, 128)  # alt_key: an FP16 copy of the embedding
     mods = tuple([(f"model.layers.{i}", blocks[i]) for i in range(n)] + [("model.norm", norm), ("lm_head", head)])
     return ModuleBytes(modules=mods, embedding=embed, not_loaded=other, n_linears=n_lin)
+
+
+def mtp_layers(config: Mapping[str, Any]) -> int:
+    """Multi-token-prediction layers a checkpoint stores after the decoder (``num_nextn_predict_layers``)."""
+    v = config.get("num_nextn_predict_layers", 0)
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 16 else 0
 
 
 def _pad(n: int, to: int) -> int:

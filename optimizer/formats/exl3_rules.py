@@ -20,6 +20,7 @@ from optimizer.formats.exl3 import (
     check_architecture,
     group_modules,
     head_transient,
+    mtp_layers,
 )
 from optimizer.formats.exl3_place import place
 from optimizer.variant import Variant
@@ -48,7 +49,7 @@ def arch_of(variant: Variant) -> ModelArch:
 @lru_cache(maxsize=256)
 def modules_of(variant: Variant) -> ModuleBytes:
     """The variant's tensors grouped into exllamav3's top-level modules (computed once per variant)."""
-    return group_modules(arch_of(variant), variant.tensors)
+    return group_modules(arch_of(variant), variant.tensors, extra_layers=mtp_layers(variant.config))
 
 
 def default_context(variant: Variant) -> int:

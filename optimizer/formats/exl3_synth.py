@@ -57,17 +57,32 @@ def exl3_linear(key: str, in_f: int, out_f: int, k_bits: int, *, bias: bool = Fa
     return out
 
 
-def _linears(arch: ModelArch) -> list[tuple[str, int, int, bool]]:
+def _glm(config: Mapping[str, Any], key: str, default: int) -> int:
+    v = config.get(key, default)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else default
+
+
+def _linears(arch: ModelArch, config: Mapping[str, Any]) -> list[tuple[str, int, int, bool]]:
     """``(key, in, out, bias)`` of every decoder linear, in order (HF tensor names)."""
     p = arch.spec.lm_prefix
     h, i, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
     q_out, kv_out = arch.num_attention_heads * d, arch.kv_dim
-    bias = arch.architecture in _QKV_BIAS
+    bias = arch.architecture in _QKV_BIAS or config.get("attention_bias") is True
+    glm = arch.architecture == "Glm4MoeForCausalLM"
     out: list[tuple[str, int, int, bool]] = []
     for layer in range(arch.num_hidden_layers):
         lk = f"{p}model.layers.{layer}"
         out += [(f"{lk}.self_attn.q_proj", h, q_out, bias), (f"{lk}.self_attn.k_proj", h, kv_out, bias),
                 (f"{lk}.self_attn.v_proj", h, kv_out, bias), (f"{lk}.self_attn.o_proj", q_out, h, False)]
+        if glm and layer < _glm(config, "first_k_dense_replace", 3):  # dense MLP of the full width
+            di = _glm(config, "intermediate_size", i)
+            out += [(f"{lk}.mlp.gate_proj", h, di, False), (f"{lk}.mlp.up_proj", h, di, False),
+                    (f"{lk}.mlp.down_proj", di, h, False)]
+            continue
+        if glm:
+            si = i * _glm(config, "n_shared_experts", 1)
+            out += [(f"{lk}.mlp.shared_experts.gate_proj", h, si, False), (f"{lk}.mlp.shared_experts.up_proj", h, si, False),
+                    (f"{lk}.mlp.shared_experts.down_proj", si, h, False)]
         if arch.spec.is_moe:
             mixtral = arch.architecture in _BLOCK_SPARSE
             e_key = "block_sparse_moe" if mixtral else "mlp"
@@ -105,7 +120,7 @@ def synthesize(config: Mapping[str, Any], *, bits: float, head_bits: int) -> Ten
     arch = parse_arch(config, architectures=ARCHITECTURES)
     p = arch.spec.lm_prefix
     h, d = arch.hidden_size, arch.head_dim
-    lins = _linears(arch)
+    lins = _linears(arch, config)
     ks = allocate_bits([_pad128(a) * _pad128(b) for _, a, b, _ in lins], bits)
     by_key = {key: (a, b, bias, k) for (key, a, b, bias), k in zip(lins, ks, strict=True)}
     norms = ["input_layernorm", "post_attention_layernorm"]
@@ -124,10 +139,14 @@ def synthesize(config: Mapping[str, Any], *, bits: float, head_bits: int) -> Ten
         if arch.architecture == "MiniMaxM2ForCausalLM":  # q/k norms span all heads
             t[f"{lk}.self_attn.q_norm.weight"] = ("F16", (arch.num_attention_heads * d,))
             t[f"{lk}.self_attn.k_norm.weight"] = ("F16", (arch.kv_dim,))
-        if arch.spec.is_moe:
+        if arch.architecture == "Glm4MoeForCausalLM" and config.get("use_qk_norm") is True:
+            t[f"{lk}.self_attn.q_norm.weight"] = ("F16", (d,))
+            t[f"{lk}.self_attn.k_norm.weight"] = ("F16", (d,))
+        dense = arch.architecture == "Glm4MoeForCausalLM" and layer < _glm(config, "first_k_dense_replace", 3)
+        if arch.spec.is_moe and not dense:
             e_key = "block_sparse_moe" if arch.architecture in _BLOCK_SPARSE else "mlp"
             t[f"{lk}.{e_key}.gate.weight"] = ("F16", (arch.num_experts or 0, h))
-            if arch.architecture == "MiniMaxM2ForCausalLM":
+            if arch.architecture in ("MiniMaxM2ForCausalLM", "Glm4MoeForCausalLM"):
                 t[f"{lk}.{e_key}.gate.e_score_correction_bias"] = ("F32", (arch.num_experts or 0,))
         for key, (a, b, bias, k) in by_key.items():
             if key.startswith(lk + "."):
