@@ -118,6 +118,8 @@ def test_report_command_from_storage_alone(study_root: tuple[Path, SearchSpec], 
     main(["report", "r", "--studies-dir", str(root), "--no-plots"])
     out = capsys.readouterr().out
     assert "Pareto front" in out and (root / "r" / "pareto.csv").is_file()
+    lines = out.splitlines()  # the recommendation is lines of text, not one line with escaped newlines
+    assert "\\x0a" not in out and any(ln.startswith("best quality:") for ln in lines) and any(ln.startswith("balanced:") for ln in lines)
     with pytest.raises(SystemExit) as ei:
         main(["report", "nope", "--studies-dir", str(root)])
     assert ei.value.code == 1

@@ -47,9 +47,8 @@ def report(
     st = open_study(study_name=study, storage_url=storage, root=root, create=False)
     files, front = write_reports(study=st, out_dir=out or d, plots=not no_plots)
     con = Console()
-    con.print(plain(recommendation(front)), soft_wrap=True)
-    if files.comparison:
-        con.print(plain(files.comparison), soft_wrap=True)
+    for line in [*recommendation(front).splitlines(), *files.comparison.splitlines()]:  # one line each: safe()
+        con.print(plain(line), soft_wrap=True)                                           # escapes newlines
     con.print(plain("Reports: " + ", ".join(str(f) for f in files.written)))
     if open_page:
         from optimizer.errors import BadOptionError

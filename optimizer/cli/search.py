@@ -84,7 +84,6 @@ def _write_reports(args: StudyArgs, *, name: str, recommend: bool) -> None:
     st = open_study(study_name=name, storage_url=args.storage, root=args.root, create=False)
     files, front = write_reports(study=st, out_dir=study_dir(study=name, root=args.root))
     if recommend:
-        print(safe(recommendation(front)))
-        if files.comparison:
-            print(safe(files.comparison))
+        for line in [*recommendation(front).splitlines(), *files.comparison.splitlines()]:
+            print(safe(line))  # line by line: safe() escapes a newline
     print(safe("Reports: " + ", ".join(str(f) for f in files.written)))
