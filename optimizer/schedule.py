@@ -171,7 +171,7 @@ class Schedule:
 
     items: list[Item]
     predictor: Predictor | None = None
-    margin: float = 0.01
+    margin: float = 0.002
     skipped: list[Skipped] = field(default_factory=list)
     measured: dict[str, Measured] = field(default_factory=dict)
     loaded: str | None = None
@@ -198,29 +198,31 @@ class Schedule:
         self.dropped.add(key)
 
     def next(self) -> Item | None:
-        """The next configuration to measure: the loaded variant's first, then the variant whose best pending
-        configuration has the best predicted front layer (ties: lower predicted perplexity)."""
+        """The next configuration to measure: the loaded variant's first (a reload costs more than a measurement),
+        then the variant whose best pending configuration has the best predicted front layer (ties: lower
+        predicted perplexity)."""
         todo = self.pending()
         if not todo:
             return None
         layers = front_layers(todo)
         rank = {it.key: (layers[it.key], it.ppl.value, -it.tok_s.value) for it in todo}
         same = [it for it in todo if it.load == self.loaded]
-        pool = same or todo
-        if not same:
-            best_of: dict[str, tuple[int, float, float]] = {}
-            for it in todo:
-                best_of[it.load] = min(best_of.get(it.load, rank[it.key]), rank[it.key])
-            load = min(best_of, key=lambda k: best_of[k])
-            pool = [it for it in todo if it.load == load]
-        return min(pool, key=lambda it: rank[it.key])
+        if same:
+            return min(same, key=lambda it: rank[it.key])
+        best_of: dict[str, tuple[int, float, float]] = {}
+        for it in todo:
+            best_of[it.load] = min(best_of.get(it.load, rank[it.key]), rank[it.key])
+        load = min(best_of, key=lambda k: best_of[k])
+        return min((it for it in todo if it.load == load), key=lambda it: rank[it.key])
 
-    def threshold_reference(self, item: Item) -> str | None:
+    def threshold_reference(self, item: Item, tok_s: float | None = None) -> str | None:
         """The measured point that beats ``item`` in tok/s and context with the lowest perplexity: ``item`` is
-        dominated iff its perplexity is not below that point's (None: nothing beats it there)."""
+        dominated iff its perplexity is not below that point's (None: nothing beats it there). ``tok_s``: the
+        item's measured speed, when known, instead of its optimistic prediction."""
         pts = self.points
         opt = item.optimistic(self.margin)
-        refs = [k for k, p in pts.items() if p.tok_s >= opt.tok_s and p.ctx >= opt.ctx]
+        speed = opt.tok_s if tok_s is None else tok_s
+        refs = [k for k, p in pts.items() if k != item.key and p.tok_s >= speed and p.ctx >= opt.ctx]
         return min(refs, key=lambda k: pts[k].ppl) if refs else None
 
     def record(self, m: Measured) -> list[Skipped]:

@@ -119,8 +119,10 @@ def shown_fill(max_seq_len: int) -> int:
     return max(min(SHOWN_FILL, max_seq_len - GEN_TOKENS), 1)
 
 
-def predict_quality(variant: Variant, cache: str, qfit: QualityFit | None = None) -> tuple[Estimate, bool, float | None]:
-    """Predicted ppl (or ratio) of ``variant`` with ``cache``: weight curve x cache penalty."""
+def predict_quality(variant: Variant, cache: str, qfit: QualityFit | None = None,
+                    penalty: Estimate | None = None) -> tuple[Estimate, bool, float | None]:
+    """Predicted ppl (or ratio) of ``variant`` with ``cache``: weight curve x cache penalty (``penalty`` in added
+    ln-perplexity overrides the prior, e.g. once measured)."""
     fmt = variant.format if variant.format in CURVES else "exl2"
     vb = variant_bits(variant)
     b = effective_bits(fmt, vb) if vb else variant.bits
@@ -128,7 +130,7 @@ def predict_quality(variant: Variant, cache: str, qfit: QualityFit | None = None
         return Estimate(1.0, 1.0, 2.0), False, None
     f = qfit or fit(fmt, ())
     w = f.predict(b)
-    c = cache_penalty(variant.format, cache)
+    c = penalty or cache_penalty(variant.format, cache)
     return Estimate(w.value * math.exp(c.value), w.low * math.exp(c.low), w.high * math.exp(c.high)), f.absolute, b
 
 

@@ -22,6 +22,7 @@ from optimizer.backends.progress import on_window, window_done
 from optimizer.predict.refit import Observation, SpaceEntry, SpacePredictor
 from optimizer.schedule import Item, Measured, Schedule, Skipped, paired_decision
 from optimizer.study.candidates import Candidate, base_attrs
+from optimizer.study.measure import RunState, measure_speed
 from optimizer.study.spec import SearchSpec
 from optimizer.study.trials import CONSTRAINT
 
@@ -54,7 +55,7 @@ class Guide:
     cands: Sequence[Candidate]
     spec: SearchSpec
     gpus: Sequence[str] = ()
-    margin: float = 0.01
+    margin: float = 0.002
     windows: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,7 +64,9 @@ class Guide:
         self.predictor = SpacePredictor([SpaceEntry(c.key, c.config, c.verdict) for c in self.cands], gpus=self.gpus,
                                         fill=sp.context_fill)
         first = self.predictor.refit()
-        items = [Item(key=c.key, load=f"{c.config.variant.key}|{c.config.split.label}", group=_group(c, self.spec),
+        # a load is shared by the configurations of a variant, except under autosplit (reloaded for every cache size)
+        items = [Item(key=c.key, load=c.key if c.config.split.mode == "auto" else f"{c.config.variant.key}|{c.config.split.label}",
+                      group=_group(c, self.spec),
                       ctx=c.config.max_seq_len, ppl=first[c.key][0], tok_s=first[c.key][1]) for c in self.cands]
         self.schedule = Schedule(items, predictor=self._refit, margin=self.margin)
         self.reported: set[str] = set()
@@ -103,12 +106,15 @@ class Guide:
         self.reported.update(s.item.key for s in out)
         return out
 
-    def perplexity(self, cand: Candidate) -> Any:
-        """A perplexity function for the measure step: window by window, stopping early when dominated."""
-        ref_key = self.schedule.threshold_reference(self.schedule.item(cand.key))
-        ref = self.windows.get(ref_key, ()) if ref_key else ()
+    def perplexity(self, cand: Candidate, st: RunState) -> Any:
+        """A perplexity function for the measure step: the (cheap) speed test first, then perplexity window by
+        window, stopping early when a measured configuration at least as fast, with as much context, is settled
+        better on the shared windows."""
 
         def run(engine: Engine, tokens: Sequence[int], proto: EvalProtocol) -> float | Skip:
+            tok_s = st.speed[measure_speed(engine, cand, spec=self.spec, st=st)][1]
+            ref_key = self.schedule.threshold_reference(self.schedule.item(cand.key), tok_s)
+            ref = self.windows.get(ref_key, ()) if ref_key else ()
             one = replace(proto, n_windows=1)
             w = proto.window
             nll: list[float] = []
@@ -123,9 +129,10 @@ class Guide:
                     d = paired_decision(nll, ref)
                     if d.settled and d.worse:
                         self.windows[cand.key] = tuple(nll)
-                        return Skip(f"perplexity above measured {ref_key}'s on {d.n} shared windows (paired mean "
-                                    f"log-ppl +{d.mean_diff:.4f} +- {d.stderr:.4f}), which is also faster with as much "
-                                    "context: dominated")
+                        p = self.schedule.points[str(ref_key)]
+                        return Skip(f"dominated: perplexity above measured {ref_key}'s on {d.n} shared windows (paired "
+                                    f"mean log-ppl +{d.mean_diff:.4f} +- {d.stderr:.4f}), which is as fast or faster "
+                                    f"({p.tok_s:.4g} against a measured {tok_s:.4g} tok/s) with as much context")
             if not nll:
                 return float(engine.perplexity(tokens=tokens, protocol=proto))
             self.windows[cand.key] = tuple(nll)

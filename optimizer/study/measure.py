@@ -99,6 +99,29 @@ def _engine_for(variant: Variant, st: RunState, factory: BackendFactory) -> Engi
     return st.engines[fmt]
 
 
+def measure_speed(engine: Engine, cand: Candidate, *, spec: SearchSpec, st: RunState,
+                  say: Callable[[str], None] = lambda phase: None) -> str:
+    """Measure the speed of the loaded ``cand`` unless memoized; returns its memo key in ``st.speed``.
+
+    Raises:
+        EngineError: the engine failed or returned an invalid speed.
+    """
+    cfg, sp = cand.config, spec.speed_protocol
+    fill = max(min(sp.context_fill, cfg.max_seq_len - sp.gen_tokens), 1)
+    speed_key = speed_key_of(cand, spec)
+    if speed_key not in st.speed:
+        say(f"speed ({sp.repeats} timed runs)")
+        t0 = time.perf_counter()
+        r = engine.speed(protocol=replace(sp, context_fill=fill))
+        if not all(math.isfinite(float(x)) and x >= 0 for x in (r.prompt_tok_s, r.gen_tok_s)):
+            raise EngineError(f"the engine returned an invalid speed (prompt {r.prompt_tok_s}, "
+                              f"gen {r.gen_tok_s} tokens/s)")
+        st.speed[speed_key] = (float(r.prompt_tok_s), float(r.gen_tok_s), int(r.context_fill),
+                               tuple(float(x) for x in r.gen_tok_s_runs))
+        st.times.add("speed", time.perf_counter() - t0)
+    return speed_key
+
+
 def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpec, st: RunState,
             factory: BackendFactory, text: Callable[[], EvalText],
             say: Callable[[str], None] = lambda phase: None, perplexity: PerplexityFn | None = None) -> Any:
@@ -157,19 +180,7 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
                 raise EngineError(f"the engine returned an invalid perplexity ({value})")
             st.ppl[ppl_key] = value
             st.times.add("perplexity", time.perf_counter() - t0)
-        sp = spec.speed_protocol
-        fill = max(min(sp.context_fill, cfg.max_seq_len - sp.gen_tokens), 1)
-        speed_key = speed_key_of(cand, spec)
-        if speed_key not in st.speed:
-            say(f"speed ({sp.repeats} timed runs)")
-            t0 = time.perf_counter()
-            r = engine.speed(protocol=replace(sp, context_fill=fill))
-            if not all(math.isfinite(float(x)) and x >= 0 for x in (r.prompt_tok_s, r.gen_tok_s)):
-                raise EngineError(f"the engine returned an invalid speed (prompt {r.prompt_tok_s}, "
-                                  f"gen {r.gen_tok_s} tokens/s)")
-            st.speed[speed_key] = (float(r.prompt_tok_s), float(r.gen_tok_s), int(r.context_fill),
-                                   tuple(float(x) for x in r.gen_tok_s_runs))
-            st.times.add("speed", time.perf_counter() - t0)
+        speed_key = measure_speed(engine, cand, spec=spec, st=st, say=say)
         mem = engine.memory()
     except EngineError as e:
         reason = "oom" if isinstance(e, EngineOOMError) else (str(e) or type(e).__name__)
