@@ -268,3 +268,13 @@ def test_predicted_to_fit_but_measured_over_budget(tmp_path: Path, models: Path,
         assert peak > t.user_attrs["predicted"][0]["total"]
     assert list(csv.DictReader((root / "s" / "pareto.csv").open())) == []  # nothing measured fits
     assert "No measured configuration fits" in r.stdout
+
+
+def test_the_gpu_list_hint_runs(tmp_path: Path) -> None:
+    example = ROOT / "studies" / "examples" / "Smaug-34B-v0.1-3.0bpw-h6-exl2"
+    r = _run([sys.executable, "-m", "optimizer", "fit", "-m", str(example), "--vram", "15GB", "--gpu", "NoSuchGPU"],
+             _env(tmp_path))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    (hint,) = printed_commands(r.stderr)
+    listed = _run(argv_of(hint), _env(tmp_path))
+    assert listed.returncode == 0 and "T4" in listed.stdout, listed.stderr

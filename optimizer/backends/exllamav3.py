@@ -312,7 +312,7 @@ class ExLlamaV3Backend:
             raise BackendUnavailableError(f"the exllamav3 backend needs torch ({INSTALL_HINT})") from None
         if not torch.cuda.is_available():
             raise BackendUnavailableError(f"the exllamav3 backend needs a CUDA GPU (torch {torch.__version__} "
-                                          "sees none); run `exl2opt plan` for predictions without a GPU")
+                                          "sees none); exl2opt plan with the same options predicts without a GPU")
         try:
             import exllamav3  # noqa: F401
         except Exception as e:  # ImportError, or OSError from the JIT build of exllamav3_ext

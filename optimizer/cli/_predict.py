@@ -48,7 +48,7 @@ def resolve_gpus(value: Optional[str]) -> tuple[str, ...]:
         names = detect_gpu_names()
         if not names:
             print("--gpu auto: no GPU found (nvidia-smi is not on PATH and torch sees no CUDA device); "
-                  "tok/s is not predicted. Name one with --gpu NAME (exl2opt fit --gpu list).", file=sys.stderr)
+                  "tok/s is not predicted. Name one with --gpu NAME (`exl2opt fit --gpu list`).", file=sys.stderr)
             return ()
         try:
             return tuple(find_gpu(n).name for n in names)

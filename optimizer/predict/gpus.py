@@ -83,7 +83,7 @@ def find_gpu(name: str) -> Gpu:
         if len(top) == 1:
             return top[0]
         raise BadOptionError(f"GPU {name!r} is ambiguous: {', '.join(g.name for g in top)} (be more specific)")
-    raise BadOptionError(f"unknown GPU {name!r} (exl2opt --gpu list shows the known ones)")
+    raise BadOptionError(f"unknown GPU {name!r} (`exl2opt fit --gpu list` shows the known ones)")
 
 
 def detect_gpu_names(*, timeout_s: float = 10.0) -> list[str]:
