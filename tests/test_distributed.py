@@ -283,7 +283,7 @@ def test_oom_fails_the_trial_with_its_reason_and_is_not_retried(tmp_path: Path, 
 
 def _search_cmd(*, study: str, root: Path, models: Path, eval_file: Path) -> list[str]:
     return [sys.executable, "-m", "optimizer", "search", "--study", study, "--root", str(root),
-            "--eval-data", str(eval_file), "--backend-factory", "fake_engine:fake_backend_factory", "--no-report",
+            "--eval-data", str(eval_file), "--backend-factory", "fake_engine:fake_backend_factory", "--no-report", "--exhaustive",
             "--eval-window", "64", "--eval-windows", "1"] + _model_args(models)
 
 

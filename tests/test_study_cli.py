@@ -55,9 +55,10 @@ def _env(tmp_path: Path, delay: float = 0.0, **extra: str) -> dict[str, str]:
 
 
 def _search(models: Path, eval_file: Path, root: Path, *more: str) -> list[str]:
+    """``search`` measuring every configuration (--exhaustive: these tests count measurements)."""
     return [sys.executable, "-m", "optimizer", "search", "-m", str(models), "--vram", "8GB", "--ctx", "2048",
             "--cache", "fp16,q4", "--study", "s", "--studies-dir", str(root), "--eval-data", str(eval_file),
-            "--backend-factory", "fake_engine:fake_backend_factory", "--no-report", *more]
+            "--backend-factory", "fake_engine:fake_backend_factory", "--exhaustive", "--no-report", *more]
 
 
 def _run(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
