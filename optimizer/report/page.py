@@ -151,7 +151,7 @@ def page_data(*, study: Any, configs: Sequence[dict[str, Any]], front: Sequence[
     runs = {r["config_key"]: scrub(str(r.get("run_command") or "")) for r in front}  # front rows carry their recipe
     recs = [{**c, "run": runs.get(c["key"], "")} for c in recs]
     counts = {"configurations": len(recs)}
-    for s in ("measured", "infeasible", "failed", "predicted", "reused"):
+    for s in ("measured", "infeasible", "failed", "predicted", "skipped", "reused"):
         counts[s] = sum(1 for c in recs if c["status"] == s)
     budget = ua.get("budget_bytes") or []
     return {

@@ -89,7 +89,8 @@
   var n = D.counts;
   document.getElementById("summary").textContent = "Study " + D.study + ": " + n.configurations + " configurations \u2014 " +
     n.measured + " measured, " + n.infeasible + " rejected by the VRAM model, " + n.failed + " failed" +
-    (n.predicted ? ", " + n.predicted + " predicted" : "") + "; " + D.front.length + " on the Pareto front. Budget " +
+    (n.predicted ? ", " + n.predicted + " predicted" : "") +
+    (n.skipped ? ", " + n.skipped + " skipped (predicted dominated, not measured)" : "") + "; " + D.front.length + " on the Pareto front. Budget " +
     D.budget_text + ", split " + D.split + ". Generated " + D.generated + ".";
   var reco = document.getElementById("recommendation");
   if (!D.picks.length) { reco.appendChild(el("p", {}, [D.recommendation])); }
