@@ -155,11 +155,19 @@
       g.addEventListener("mouseleave", hideTip);
       svg.appendChild(g);
     });
-    // labels of front points, placed inside the plot area
+    // labels of front points, inside the plot area, moved off each other (above, below, then further out)
+    var placed = [];
     D.front.forEach(function (k) {
       var c = byKey[k], x = X(c.gen), right = x > (L + W - R) / 2;
-      svg.appendChild(sv("text", { x: right ? x - 11 : x + 11, y: Y(c.ppl) - 6, "text-anchor": right ? "end" : "start",
-        "font-size": 10.5, fill: "#1d2330" }, c.label + " " + c.cache + " " + c.ctx + (c.noise_of ? " \u2248" : "")));
+      var text = c.label + " " + c.cache + " " + c.ctx + (c.noise_of ? " \u2248" : ""), w = text.length * 6 + 4;
+      var x0 = right ? x - 11 - w : x + 11, y = Y(c.ppl) - 6;
+      [-6, 14, -20, 28, -34, 42].some(function (dy) {
+        y = Math.max(T + 11, Math.min(H - B - 3, Y(c.ppl) + dy));
+        return !placed.some(function (b) { return x0 < b[0] + b[2] && b[0] < x0 + w && y - 11 < b[1] && b[1] - 11 < y; });
+      });
+      placed.push([x0, y, w]);
+      svg.appendChild(sv("text", { "class": "front-label", x: right ? x - 11 : x + 11, y: y, "text-anchor": right ? "end" : "start",
+        "font-size": 10.5, fill: "#1d2330" }, text));
     });
     // colour bar: the same log scale of contexts as pareto.png
     var cbx = W - R + 34, cbh = H - T - B, lo = D.ctx_range[0], hi = D.ctx_range[1];
