@@ -36,6 +36,9 @@ SPLITS = {
     "auto-reserve": Split(mode="auto", n_devices=2, reserve_bytes=(512 * MIB, 128 * MIB)),
 }
 EXL2_CACHES = ("fp16", "fp8", "q8", "q6", "q4")
+#: ModelConfig fields of TabbyAPI's common/config_models.py (branch exl2-checkpoint, 79126f9) the recipes may use
+TABBY_MODEL_KEYS = {"model_dir", "model_name", "max_seq_len", "cache_size", "cache_mode", "chunk_size", "max_batch_size",
+                    "gpu_split_auto", "gpu_split", "autosplit_reserve"}
 GGUF_CACHES = ("f16", "q8_0", "q4_0", "q8_0/q4_0", "q8_0/f16", "q4_0/f16")
 HOSTILE = (
     "/models/Llama-3-exl2-4.0bpw;touch${IFS}/tmp/x;#",
@@ -91,6 +94,7 @@ def test_exl2_tabby_block_is_yaml_with_the_intended_values(cache: str, split_nam
         return
     doc = yaml.safe_load(r.text)
     m = doc["model"]
+    assert set(doc) == {"model", "memory"} and set(m) <= TABBY_MODEL_KEYS
     assert (m["model_dir"], m["model_name"]) == ("/models", "Smaug-exl2")
     assert m["max_seq_len"] == 6144 and m["cache_size"] == 6144 and m["chunk_size"] == 2048
     assert m["cache_mode"] == {"fp16": "FP16", "q8": "Q8", "q6": "Q6", "q4": "Q4"}[cache]
