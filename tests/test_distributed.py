@@ -401,3 +401,29 @@ def test_a_stopped_worker_resumed_after_its_trial_went_stale_gives_it_up_cleanly
                        and t.user_attrs.get("status") == "measured")
     assert len(measured) == len(BITS) * len(CACHES.split(",")) and set(measured.values()) == {1}
     assert [t.user_attrs.get("reason") for t in trials if t.state == TrialState.FAIL] == ["stale"]
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_one_sampler_search_per_postgres_study(tmp_path: Path, models: Path, eval_file: Path,
+                                               postgres_url: str) -> None:  # noqa: F811
+    """A search with a sampler (not the workers' claim protocol) holds the study alone, from any machine."""
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    cmd = _search_cmd(study="tpe", root=tmp_path / "a", models=models, eval_file=eval_file) + [
+        "--storage", postgres_url, "--sampler", "tpe", "--seed", "1"]
+    first = subprocess.Popen(cmd, env=_env(logs[0], 1.0), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait(lambda: any(w == "ppl" for w, _ in _calls(logs[0])), 60, "the first search to measure")
+    other_dir = _search_cmd(study="tpe", root=tmp_path / "b", models=models, eval_file=eval_file) + [
+        "--storage", postgres_url, "--sampler", "tpe"]
+    second = subprocess.run(other_dir, env=_env(logs[1], 0), capture_output=True, text=True, timeout=120)
+    worker = subprocess.run(_worker_cmd(study="tpe", root=tmp_path / "c", storage=postgres_url, model_args=[],
+                                        eval_file=eval_file), env=_env(logs[1], 0), capture_output=True, text=True,
+                            timeout=120)
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=60)
+    for r, phrase in ((second, "already being run by another exl2opt process on this database"),
+                      (worker, "is being run by exl2opt search on this database")):
+        assert r.returncode == 1, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and phrase in lines[0], r.stderr
+    assert not _calls(logs[1])  # the refused processes measured nothing

@@ -6,7 +6,8 @@
   ``<study dir>/claims.lock``. A worker killed while holding it releases it (the server drops a dead
   session's advisory locks; the kernel drops a dead process's ``flock``).
 * :class:`RunLock` decides who may run an embedded (journal or SQLite) study on this machine: one
-  ``exl2opt search``, or any number of cooperating ``exl2opt worker`` processes.
+  ``exl2opt search``, or any number of cooperating ``exl2opt worker`` processes;
+  :class:`ServerRunLock` does the same for a PostgreSQL study from any machine.
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ class RunLock:
     ``exl2opt search`` (single-process loop) takes it exclusively, every ``exl2opt worker`` shared:
     workers cooperate with each other, but a second ``search`` (or a worker next to a search, or a
     search next to workers) is refused with one clear line instead of measuring the same
-    configurations twice. The kernel drops the lock when its process dies. Database storages
-    (PostgreSQL, MySQL) are coordinated by :class:`ClaimLock` instead and need no run lock.
+    configurations twice. The kernel drops the lock when its process dies. PostgreSQL studies use
+    :class:`ServerRunLock`; their workers also claim through :class:`ClaimLock`.
     """
 
     def __init__(self, *, lock_dir: Path, study_name: str) -> None:
@@ -165,13 +166,7 @@ class RunLock:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            if exclusive:
-                raise StudyBusyError(
-                    f"study {self._study!r} is already being run by another exl2opt process on this machine; wait "
-                    "for it to finish") from None
-            raise StudyBusyError(
-                f"study {self._study!r} is being run by exl2opt search on this machine; wait for it to finish "
-                "(workers can join a study only when no single-process search is running it)") from None
+            raise busy_error(study_name=self._study, exclusive=exclusive, where="on this machine") from None
         _HELD_RUN_LOCKS[key] = [fd, 1]
         self._held = True
         return self
@@ -200,6 +195,59 @@ class RunLock:
             return
 
 
+def busy_error(*, study_name: str, exclusive: bool, where: str) -> StudyBusyError:
+    """The one line for a run lock held by another process."""
+    if exclusive:
+        return StudyBusyError(f"study {study_name!r} is already being run by another exl2opt process {where}; wait "
+                              "for it to finish")
+    return StudyBusyError(f"study {study_name!r} is being run by exl2opt search {where}; wait for it to finish "
+                          "(workers can join a study only when no single-process search is running it)")
+
+
+class ServerRunLock:
+    """:class:`RunLock` for a PostgreSQL study: a session advisory lock on the database server
+    (exclusive for a single-process ``search`` with a sampler, shared for workers), so no two runs
+    that do not cooperate measure the same study from any machine. The server drops it when the
+    process or its connection dies."""
+
+    def __init__(self, *, study_name: str, url: str) -> None:
+        self._study = study_name
+        self._url = url
+        self._engine: Any = None
+        self._conn: Any = None
+        digest = hashlib.sha256(f"exl2opt-run:{study_name}".encode()).digest()
+        self._key = int.from_bytes(digest[:8], "big", signed=True)
+
+    def acquire(self, *, exclusive: bool) -> ServerRunLock:
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        fn = "pg_try_advisory_lock" if exclusive else "pg_try_advisory_lock_shared"
+        try:
+            self._engine = sqlalchemy.create_engine(self._url, poolclass=NullPool, **{
+                k: v for k, v in engine_kwargs(self._url).items() if k == "connect_args"})
+            self._conn = self._engine.connect()
+            got = bool(self._conn.execute(sqlalchemy.text(f"SELECT {fn}(:k)"), {"k": self._key}).scalar())
+            self._conn.commit()
+        except Exception as e:
+            self.release()
+            raise StorageError(f"cannot take the study's run lock ({type(e).__name__}: {first_line(e)})") from None
+        if not got:
+            self.release()
+            raise busy_error(study_name=self._study, exclusive=exclusive, where="on this database")
+        return self
+
+    def release(self) -> None:
+        """Close the session (the server releases its advisory locks with it)."""
+        with contextlib.suppress(Exception):
+            if self._conn is not None:
+                self._conn.close()
+        with contextlib.suppress(Exception):
+            if self._engine is not None:
+                self._engine.dispose()
+        self._conn = self._engine = None
+
+
 def lock_dir_for(*, study_name: str, storage_url: str | None, root: Path = DEFAULT_ROOT) -> Path:
     """Where the file locks of an embedded study live: its study directory for the journal; for
     SQLite, next to the database file (``.<db name>.exl2opt/<study hash>/``), so every process that
@@ -223,8 +271,12 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(path).expanduser().resolve()
 
 
-def run_lock_for(*, study_name: str, storage_url: str | None, root: Path = DEFAULT_ROOT) -> RunLock | None:
-    """A :class:`RunLock` for embedded storages (None for database servers)."""
+def run_lock_for(*, study_name: str, storage_url: str | None,
+                 root: Path = DEFAULT_ROOT) -> RunLock | ServerRunLock | None:
+    """The run lock of a study: a file lock for embedded storages, an advisory lock on PostgreSQL,
+    None for other database servers (their workers are coordinated by :class:`ClaimLock` alone)."""
+    if storage_url is not None and storage_url.startswith("postgresql"):
+        return ServerRunLock(study_name=study_name, url=storage_url)
     if storage_url is not None and not storage_url.startswith("sqlite:"):
         return None
     return RunLock(lock_dir=lock_dir_for(study_name=study_name, storage_url=storage_url, root=root),
