@@ -78,7 +78,7 @@ def test_cli_resume_after_a_cut_journal(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]), "FAKE_ENGINE_DELAY": "0"}
     cmd = [sys.executable, "-m", "optimizer", "search", "-m", str(models), "--vram", "8GB", "--ctx", "2048",
            "--cache", "fp16,q4", "--study", "s", "--studies-dir", str(tmp_path / "st"), "--eval-data", str(ev),
-           "--backend-factory", "fake_engine:fake_backend_factory", "--no-report"]
+           "--backend-factory", "fake_engine:fake_backend_factory", "--no-report", "--exhaustive"]
     assert subprocess.run(cmd + ["--n-trials", "2"], env=env, capture_output=True, timeout=300).returncode == 0
     j = tmp_path / "st" / "s" / JOURNAL_NAME
     with open(j, "r+b") as f:
