@@ -13,7 +13,7 @@ from typing import TypeVar
 from optimizer.errors import BadOptionError
 from optimizer.formats import RuntimeOptions, default_cache_modes, rules_for
 from optimizer.variant import Variant
-from optimizer.vram import Split, VramVerdict, place
+from optimizer.vram import GIB, MIB, Split, VramVerdict, place, with_margin
 
 #: Smallest context the automatic grid offers (tokens).
 MIN_AUTO_CONTEXT = 2048
@@ -21,14 +21,58 @@ MIN_AUTO_CONTEXT = 2048
 
 @dataclass(frozen=True)
 class Budget:
-    """Usable bytes per GPU and the per-GPU overhead to charge (CUDA context etc.).
+    """Usable bytes per GPU, the per-GPU overhead to charge (CUDA context etc.) and a safety margin.
 
-    ``per_device`` has one entry per GPU, or a single entry applied to every GPU.
-    ``overhead`` None means "the format's documented default".
+    ``per_device`` has one entry per GPU, or a single entry applied to every GPU; so do the others.
+    ``overhead`` None means "the format's documented default". ``margin`` (bytes kept free on every
+    used GPU) None means :func:`default_margin`.
     """
 
     per_device: tuple[int, ...]
     overhead: tuple[int, ...] | None = None
+    margin: tuple[int, ...] | None = None
+
+
+#: The highest per-GPU memory beyond what the VRAM model counts in published nvidia-smi-level
+#: readings (0.9 to 1.5 GiB, issue 10 / docs/margin.md). An overhead that was not measured may be
+#: short by up to this much minus the overhead assumed.
+OVERHEAD_HIGH_BYTES = 1536 * MIB
+#: The smallest default margin for an assumed (unmeasured) overhead: the minimum reserve ExLlamaV2's
+#: own autosplit holds back while loading.
+MIN_MARGIN_BYTES = 256 * MIB
+
+
+def default_margin(*, fmt: str, budget: Budget) -> tuple[int, ...]:
+    """The safety margin per GPU (bytes), chosen from how uncertain the overhead is.
+
+    ``budget.margin`` when given. Else, with the format's assumed overhead, the gap between it and
+    ``OVERHEAD_HIGH_BYTES`` (at least ``MIN_MARGIN_BYTES``); with a given overhead (``--overhead``,
+    or a calibrated figure) none: that overhead is a measurement, and ``--margin`` adds one.
+    """
+    if budget.margin is not None:
+        return budget.margin
+    if budget.overhead is not None:
+        return (0,)
+    return (max(MIN_MARGIN_BYTES, OVERHEAD_HIGH_BYTES - rules_for(fmt).DEFAULT_OVERHEAD_BYTES),)
+
+
+def margin_note(*, formats: Iterable[str], budget: Budget) -> str:
+    """One line saying which margin is kept and why (for plan and fit output)."""
+    parts = []
+    for fmt in sorted(set(formats)):
+        m = default_margin(fmt=fmt, budget=budget)
+        gib = "/".join(f"{x / GIB:.2f}" for x in m)
+        if budget.margin is not None:
+            why = "--margin"
+        elif budget.overhead is not None:
+            why = "default with a given overhead, which is taken as measured"
+        else:
+            why = (f"default: {fmt} assumes {rules_for(fmt).DEFAULT_OVERHEAD_BYTES / MIB:.0f} MiB of CUDA/allocator "
+                   f"overhead per GPU, published readings reach {OVERHEAD_HIGH_BYTES / GIB:.1f} GiB")
+        parts.append(f"{gib} GiB" + (f" for {fmt}" if len(set(formats)) > 1 else "") + f" ({why})")
+    tail = ". Headroom is after it; --margin 0 turns it off." if any(
+        any(default_margin(fmt=f, budget=budget)) for f in set(formats)) else "; --margin keeps some free."
+    return "Safety margin kept free on every GPU: " + "; ".join(parts) + tail
 
 
 @dataclass(frozen=True)
@@ -79,15 +123,16 @@ def evaluate(
     """
     rules = rules_for(config.variant.format)
     overhead = budget.overhead if budget.overhead is not None else (rules.DEFAULT_OVERHEAD_BYTES,)
+    margin = default_margin(fmt=config.variant.format, budget=budget)
     place_config = getattr(rules, "place_config", None)
     if place_config is not None:  # the format places layers itself (gguf: llama.cpp's layer split)
         verdict: VramVerdict = place_config(
             config.variant, max_seq_len=config.max_seq_len, cache=config.cache, split=config.split,
             runtime=runtime, budget_per_device=budget.per_device, overhead_per_device=overhead,
         )
-        return verdict
+        return with_margin(verdict, margin)
     plan = rules.variant_plan(config.variant, max_seq_len=config.max_seq_len, cache=config.cache, runtime=runtime)
-    return place(plan=plan, split=config.split, budgets=budget.per_device, overhead_bytes=overhead)
+    return place(plan=plan, split=config.split, budgets=budget.per_device, overhead_bytes=overhead, margin_bytes=margin)
 
 
 def check_caches(variants: Sequence[Variant], caches: Iterable[str]) -> tuple[str, ...]:
@@ -235,12 +280,14 @@ def split_search(
     per = budget.per_device * n_devices if len(budget.per_device) == 1 else budget.per_device
     ov = budget.overhead if budget.overhead is not None else (rules.DEFAULT_OVERHEAD_BYTES,)
     ov = ov * n_devices if len(ov) == 1 else ov
+    mg = default_margin(fmt=variant.format, budget=budget)
+    mg = mg * n_devices if len(mg) == 1 else mg
     out = []
     for search in (best_manual_split, best_reserves):
         def test(n: int, search: Callable[..., tuple[Split, VramVerdict] | None] = search) -> (
                 tuple[Split, VramVerdict] | None):
             plan = rules.variant_plan(variant, max_seq_len=n * step, cache=cache, runtime=runtime)
-            return search(plan=plan, budgets=per, overheads=ov)
+            return search(plan=plan, budgets=per, overheads=ov, margins=mg)
 
         best = _largest(hi, test)
         out.append(FitResult(

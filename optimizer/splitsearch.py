@@ -36,12 +36,13 @@ from optimizer.vram import (
 )
 
 
-def _fill_end(plan: MemoryPlan, start: int, budget: int, overhead: int, scratch: int | None) -> int:
+def _fill_end(plan: MemoryPlan, start: int, budget: int, overhead: int, scratch: int | None, margin: int) -> int:
     """Largest ``end`` such that modules ``[start, end)`` fit one device's budget at run time."""
     lo, hi = start, len(plan.table)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        d = range_breakdown(plan, index=0, budget=budget, overhead=overhead, start=start, end=mid, scratch=scratch)
+        d = range_breakdown(plan, index=0, budget=budget, overhead=overhead, start=start, end=mid, scratch=scratch,
+                            margin=margin)
         if d.fits:
             lo = mid
         else:
@@ -70,17 +71,18 @@ def _gib_between(lo: int, hi: int | None) -> float | None:
     return None
 
 
-def best_manual_split(*, plan: MemoryPlan, budgets: tuple[int, ...],
-                      overheads: tuple[int, ...]) -> tuple[Split, VramVerdict] | None:
+def best_manual_split(*, plan: MemoryPlan, budgets: tuple[int, ...], overheads: tuple[int, ...],
+                      margins: tuple[int, ...] | None = None) -> tuple[Split, VramVerdict] | None:
     """A ``gpu_split`` (GiB per GPU) under which the model fits every GPU's budget, or None.
 
-    ``budgets`` and ``overheads`` are bytes, one entry per GPU.
+    ``budgets``, ``overheads`` and ``margins`` (safety margin; default none) are bytes, one entry per GPU.
     """
+    margins = margins or (0,) * len(budgets)
     n, n_dev = len(plan.table), len(budgets)
     start, split = 0, []
     for i in range(n_dev):
         last = i == n_dev - 1
-        end = n if last else _fill_end(plan, start, budgets[i], overheads[i], None)
+        end = n if last else _fill_end(plan, start, budgets[i], overheads[i], None, margins[i])
         while True:
             lo = manual_need(plan, start=start, end=end) + plan.plan_constant_bytes
             hi = None if end >= n else manual_need(plan, start=start, end=end + 1) + plan.plan_constant_bytes
@@ -93,27 +95,29 @@ def best_manual_split(*, plan: MemoryPlan, budgets: tuple[int, ...],
         split.append(g)
         start = end
     s = Split(mode="manual", gpu_split=tuple(split))
-    v = place(plan=plan, split=s, budgets=budgets, overhead_bytes=overheads)
+    v = place(plan=plan, split=s, budgets=budgets, overhead_bytes=overheads, margin_bytes=margins)
     return (s, v) if v.fits else None
 
 
-def best_reserves(*, plan: MemoryPlan, budgets: tuple[int, ...],
-                  overheads: tuple[int, ...]) -> tuple[Split, VramVerdict] | None:
+def best_reserves(*, plan: MemoryPlan, budgets: tuple[int, ...], overheads: tuple[int, ...],
+                  margins: tuple[int, ...] | None = None) -> tuple[Split, VramVerdict] | None:
     """Autosplit reserves (bytes, whole MiB, per GPU) under which the model fits every GPU, or None."""
+    margins = margins or (0,) * len(budgets)
     t, costs, n, n_dev = plan.table, plan.costs, len(plan.table), len(budgets)
     scratch = max((costs[k].scratch_bytes for k in t.present), default=0)
     held = [w + plan.cache_layer_bytes * kv for w, kv in zip(t.prefix_w, t.prefix_kv, strict=True)]
     start, reserves = 0, []
     for i in range(n_dev):
         last = i == n_dev - 1
-        room = budgets[i] - (overheads[i] + scratch + plan.rope_bytes + AUTOSPLIT_MIN_RESERVE)
+        # autosplit loads by the memory really free: place as if the margin were used up by overhead
+        room = budgets[i] - (overheads[i] + margins[i] + scratch + plan.rope_bytes + AUTOSPLIT_MIN_RESERVE)
         # need[j]: what the test forward of module j needs beyond ``room`` when [start, j] is on GPU i
         need, seen_kv = [], False
         for j in range(start, n):
             seen_kv = seen_kv or t.kind_kv[t.kinds[j]]
             need.append(held[j + 1] - held[start] + (plan.cache_staging_bytes if seen_kv else 0)
                         + costs[t.kinds[j]].test_transient_bytes)
-        end = n if last else _fill_end(plan, start, budgets[i], overheads[i], scratch)
+        end = n if last else _fill_end(plan, start, budgets[i], overheads[i], scratch, margins[i])
         reserve = None
         while reserve is None and end >= start:
             reserve = _reserve_for(need, end - start, room, at_end=end >= n)
@@ -126,7 +130,7 @@ def best_reserves(*, plan: MemoryPlan, budgets: tuple[int, ...],
         reserves.append(reserve)
         start = end
     s = Split(mode="auto", n_devices=n_dev, reserve_bytes=tuple(reserves))
-    v = place(plan=plan, split=s, budgets=budgets, overhead_bytes=overheads)
+    v = place(plan=plan, split=s, budgets=budgets, overhead_bytes=overheads, margin_bytes=margins)
     return (s, v) if v.placed and v.fits and start == n else None
 
 

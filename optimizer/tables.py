@@ -67,6 +67,7 @@ def breakdown_json(v: VramVerdict) -> list[dict[str, Any]]:
             "rope": d.rope,
             "transient": d.transient,
             "total": d.total,
+            "margin": d.margin,
             "headroom": d.headroom,
             "modules": d.n_modules,
             "kv_layers": d.n_kv_layers,

@@ -23,12 +23,12 @@ so ``fits`` is False long before scratch, RoPE and the CUDA context (see ``optim
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from optimizer.memplan import MemoryPlan, ModuleCost, ModuleKind, ModuleTable
 
 __all__ = ["MIB", "GIB", "AUTOSPLIT_MIN_RESERVE", "MemoryPlan", "ModuleCost", "ModuleKind", "ModuleTable", "Split",
-           "DeviceBreakdown", "VramVerdict", "place", "range_breakdown", "manual_need"]
+           "DeviceBreakdown", "VramVerdict", "place", "range_breakdown", "manual_need", "with_margin"]
 
 MIB = 2**20
 GIB = 2**30
@@ -72,7 +72,11 @@ AUTOSPLIT_MIN_RESERVE = 256 * MIB
 
 @dataclass(frozen=True)
 class DeviceBreakdown:
-    """Predicted memory of one device, in bytes. ``total`` is the peak during inference."""
+    """Predicted memory of one device, in bytes. ``total`` is the peak during inference.
+
+    ``margin`` is the safety margin kept free on a used device (``--margin``): it is not memory the
+    engine allocates, so it is not part of ``total``, but ``fits`` and ``headroom`` count it.
+    """
 
     index: int
     budget: int
@@ -85,6 +89,7 @@ class DeviceBreakdown:
     transient: int = 0
     n_modules: int = 0
     n_kv_layers: int = 0
+    margin: int = 0
 
     @property
     def total(self) -> int:
@@ -93,12 +98,12 @@ class DeviceBreakdown:
 
     @property
     def headroom(self) -> int:
-        """Budget minus total; negative when the device does not fit."""
-        return self.budget - self.total
+        """Budget minus margin minus total (bytes); negative when the device does not fit."""
+        return self.budget - self.margin - self.total
 
     @property
     def fits(self) -> bool:
-        return self.total <= self.budget
+        return self.total + self.margin <= self.budget
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,8 @@ class VramVerdict:
         return max(d.total - d.budget for d in self.devices)
 
 
-def place(*, plan: MemoryPlan, split: Split, budgets: tuple[int, ...], overhead_bytes: tuple[int, ...]) -> VramVerdict:
+def place(*, plan: MemoryPlan, split: Split, budgets: tuple[int, ...], overhead_bytes: tuple[int, ...],
+          margin_bytes: tuple[int, ...] = (0,)) -> VramVerdict:
     """Assign modules to devices as the engine would and return the per-device breakdown.
 
     Args:
@@ -141,6 +147,8 @@ def place(*, plan: MemoryPlan, split: Split, budgets: tuple[int, ...], overhead_
         split: single GPU, manual split or autosplit.
         budgets: usable bytes per device (one entry per device; a single entry is repeated).
         overhead_bytes: CUDA context / allocator overhead per device (same repetition rule).
+        margin_bytes: safety margin to keep free on every used device (same repetition rule); it
+            changes the verdict, not where the engine puts modules.
 
     Contract: the returned devices' parts add up to their ``total``; ``placed`` is False when the
     engine itself would refuse to load (autosplit "Insufficient VRAM for model and cache", or a
@@ -154,11 +162,20 @@ def place(*, plan: MemoryPlan, split: Split, budgets: tuple[int, ...], overhead_
     n = max(split.n_devices, 1)
     budgets = _expand(budgets, n, "budgets")
     overheads = _expand(overhead_bytes, n, "overhead_bytes")
+    margins = _expand(margin_bytes, n, "margin_bytes")
     if split.mode == "single":
-        return _place_single(plan, budgets[0], overheads[0])
+        return _place_single(plan, budgets[0], overheads[0], margins[0])
     if split.mode == "manual":
-        return _place_manual(plan, split, budgets, overheads)
-    return _place_auto(plan, split, budgets, overheads)
+        return _place_manual(plan, split, budgets, overheads, margins)
+    if not any(margins):
+        return _place_auto(plan, split, budgets, overheads, margins)
+    # Autosplit measures the memory really free while loading, so an overhead larger than assumed
+    # (by up to the margin) moves modules to later GPUs instead of failing the load. The answer must
+    # hold both ways: with the overhead as assumed, and with the margin used up by overhead.
+    nominal = _place_auto(plan, split, budgets, overheads, (0,) * n)
+    if not nominal.fits:
+        return nominal
+    return _place_auto(plan, split, budgets, overheads, margins)
 
 
 def _expand(values: tuple[int, ...], n: int, what: str) -> tuple[int, ...]:
@@ -170,7 +187,7 @@ def _expand(values: tuple[int, ...], n: int, what: str) -> tuple[int, ...]:
 
 
 def range_breakdown(plan: MemoryPlan, *, index: int, budget: int, overhead: int, start: int, end: int,
-                    scratch: int | None = None) -> DeviceBreakdown:
+                    scratch: int | None = None, margin: int = 0) -> DeviceBreakdown:
     """The breakdown of a device holding modules ``[start, end)`` (bytes); ``scratch`` None = max over them.
 
     An empty range is an unused device (all zero). O(kinds).
@@ -192,6 +209,7 @@ def range_breakdown(plan: MemoryPlan, *, index: int, budget: int, overhead: int,
         transient=max(costs[k].transient_bytes for k in kinds),
         n_modules=end - start,
         n_kv_layers=n_kv,
+        margin=margin,
     )
 
 
@@ -201,16 +219,31 @@ def _finish(devices: list[DeviceBreakdown], placed: bool, reason: str) -> VramVe
         over = [d for d in frozen if not d.fits]
         if over:
             d = over[0]
-            reason = f"GPU {d.index} needs {d.total / GIB:.2f} GiB of {d.budget / GIB:.2f} GiB"
+            keep = f" + {d.margin / GIB:.2f} GiB margin" if d.margin else ""
+            reason = f"GPU {d.index} needs {d.total / GIB:.2f} GiB{keep} of {d.budget / GIB:.2f} GiB"
     return VramVerdict(devices=frozen, placed=placed, reason=reason)
 
 
-def _place_single(plan: MemoryPlan, budget: int, overhead: int) -> VramVerdict:
-    return _finish([range_breakdown(plan, index=0, budget=budget, overhead=overhead, start=0, end=len(plan.table))], True, "")
+def with_margin(verdict: VramVerdict, margin_bytes: tuple[int, ...]) -> VramVerdict:
+    """``verdict`` with a safety margin on every used device (one entry, or one per device; bytes).
+
+    For verdicts built elsewhere (a format that places layers itself); :func:`place` takes the
+    margin directly.
+    """
+    if not any(margin_bytes):
+        return verdict
+    margins = _expand(margin_bytes, len(verdict.devices), "margin_bytes")
+    devices = [replace(d, margin=margins[i] if d.n_modules else 0) for i, d in enumerate(verdict.devices)]
+    return _finish(devices, verdict.placed, verdict.reason)
 
 
-def _place_manual(plan: MemoryPlan, split: Split, budgets: tuple[int, ...],
-                  overheads: tuple[int, ...]) -> VramVerdict:
+def _place_single(plan: MemoryPlan, budget: int, overhead: int, margin: int) -> VramVerdict:
+    return _finish([range_breakdown(plan, index=0, budget=budget, overhead=overhead, start=0, end=len(plan.table),
+                                    margin=margin)], True, "")
+
+
+def _place_manual(plan: MemoryPlan, split: Split, budgets: tuple[int, ...], overheads: tuple[int, ...],
+                  margins: tuple[int, ...]) -> VramVerdict:
     """Mirror ``ExLlamaV2.set_device_map``: greedy, by planning sizes, within ``gpu_split`` GiB.
 
     A module goes on the current device when its weights plus the device's running maxima of
@@ -222,7 +255,8 @@ def _place_manual(plan: MemoryPlan, split: Split, budgets: tuple[int, ...],
     for i, g in enumerate(split.gpu_split):
         room = int(g * GIB) - plan.plan_constant_bytes
         end = _manual_end(plan, start, room) if start < n_mod else start
-        devices.append(range_breakdown(plan, index=i, budget=budgets[i], overhead=overheads[i], start=start, end=end))
+        devices.append(range_breakdown(plan, index=i, budget=budgets[i], overhead=overheads[i], start=start, end=end,
+                                       margin=margins[i]))
         start = end
     if start < n_mod:
         return _finish(devices, False, ("the --gpu-split allocation is too small for the weights and the buffers ExLlamaV2 reserves "
@@ -264,13 +298,14 @@ def _manual_end(plan: MemoryPlan, start: int, room: int) -> int:
     return n_mod
 
 
-def _place_auto(plan: MemoryPlan, split: Split, budgets: tuple[int, ...],
-                overheads: tuple[int, ...]) -> VramVerdict:
+def _place_auto(plan: MemoryPlan, split: Split, budgets: tuple[int, ...], overheads: tuple[int, ...],
+                margins: tuple[int, ...]) -> VramVerdict:
     """Mirror ``ExLlamaV2.load_autosplit``: fill device 0, move on when a module's test forward OOMs.
 
     A module (with its cache layer, and the device's staging buffers with its first one) stays on
     the current device when, with the global scratch, RoPE tables, the per-device reserve and the
-    256 MiB minimum reserve held, its test-forward transient still fits.
+    256 MiB minimum reserve held, its test-forward transient still fits. A device's margin is taken
+    as overhead while placing (the pessimistic case) and kept apart in the breakdown.
     """
     t, costs, n_mod = plan.table, plan.costs, len(plan.table)
     scratch = max((costs[k].scratch_bytes for k in t.present), default=0)
@@ -282,10 +317,11 @@ def _place_auto(plan: MemoryPlan, split: Split, budgets: tuple[int, ...],
     for i in range(len(budgets)):
         end = start
         if start < n_mod:
-            fixed = overheads[i] + scratch + plan.rope_bytes + split.reserve_bytes[i] + AUTOSPLIT_MIN_RESERVE
+            fixed = (overheads[i] + margins[i] + scratch + plan.rope_bytes + split.reserve_bytes[i]
+                     + AUTOSPLIT_MIN_RESERVE)
             end = _auto_end(plan, held, kv_kinds, start, budgets[i] - fixed)
         devices.append(range_breakdown(plan, index=i, budget=budgets[i], overhead=overheads[i], start=start, end=end,
-                                       scratch=scratch))
+                                       scratch=scratch, margin=margins[i]))
         start = end
     if start < n_mod:
         return _finish(devices, False, "Insufficient VRAM for model and cache (autosplit ran out of GPUs)")

@@ -16,7 +16,7 @@ from optimizer.units import GIB, parse_size
 from optimizer.vram import Split
 
 SMAUG = Path(__file__).resolve().parents[1] / "studies/examples/Smaug-34B-v0.1-3.0bpw-h6-exl2"
-BUDGET = Budget(per_device=(parse_size("15GB"),))
+BUDGET = Budget(per_device=(parse_size("15GiB"),))  # a T4: 15360 MiB
 
 
 def test_smaug_fp16_cache_at_default_context_does_not_fit() -> None:

@@ -35,7 +35,8 @@ def test_plan_json_has_per_gpu_breakdown(model_dir, capsys):
         (dev,) = r["devices"]
         parts = sum(dev[k] for k in ("overhead", "weights", "cache", "cache_staging", "scratch", "rope", "transient"))
         assert parts == dev["total"] == r["total_bytes"]
-        assert r["fits"] == (dev["total"] <= dev["budget"])
+        assert dev["headroom"] == dev["budget"] - dev["margin"] - dev["total"]
+        assert r["fits"] == (dev["total"] + dev["margin"] <= dev["budget"])
 
 
 def test_plan_csv_and_two_gpus(model_dir, tmp_path, capsys):
@@ -50,7 +51,8 @@ def test_plan_csv_and_two_gpus(model_dir, tmp_path, capsys):
 
 
 def test_fit_answers_largest_context_and_recipe(model_dir, capsys):
-    code, out, _ = run(["fit", "-m", str(model_dir), "--vram", "520MiB", "--overhead", "480MiB", "--json"], capsys)
+    code, out, _ = run(["fit", "-m", str(model_dir), "--vram", "520MiB", "--overhead", "480MiB", "--margin", "0", "--json"],
+                       capsys)
     assert code == 0
     recs = json.loads(out)
     by = {(r["label"], r["cache"]): r for r in recs}

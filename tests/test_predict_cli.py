@@ -34,17 +34,17 @@ def two_variants(tmp_path: Path) -> Path:
 
 
 def test_fit_on_the_example_shows_predictions_and_one_pick(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(["fit", "-m", str(EXAMPLE), "--vram", "15GB", "--gpu", "T4"], capsys)
+    code, out, err = run(["fit", "-m", str(EXAMPLE), "--vram", "15GiB", "--gpu", "T4"], capsys)
     assert code == 0, err
     assert "pred." in out and "(+16" in out  # the ppl column's interval cell (+16..+73 %)
     picks = [ln for ln in out.splitlines() if ln.startswith("Pick:")]
     assert len(picks) == 1
-    # 15 GB: the FP16 cache reaches only 1792 tokens, so the pick is a quantized cache with >= 4096 tokens
-    assert "context 1792" not in picks[0] and "tok/s on Tesla T4" in picks[0]
+    # a T4 (15 GiB): the FP16 cache reaches only 1536 tokens, so the pick is a quantized cache with >= 4096 tokens
+    assert "context 1536" not in picks[0] and "tok/s on Tesla T4" in picks[0]
 
 
 def test_fit_json_carries_predicted_columns_and_exact_bits(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(["fit", "-m", str(EXAMPLE), "--vram", "15GB", "--gpu", "rtx 4090", "--json"], capsys)
+    code, out, _ = run(["fit", "-m", str(EXAMPLE), "--vram", "15GiB", "--gpu", "rtx 4090", "--json"], capsys)
     assert code == 0
     rows = json.loads(out)
     assert {r["cache"] for r in rows} == {"fp16", "fp8", "q8", "q6", "q4"}

@@ -271,7 +271,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "studies" / "examples" / "Smaug-
 
 
 def test_fit_on_the_example_prints_a_tabby_block_and_a_script_line(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _fit(["fit", "-m", str(EXAMPLE), "--vram", "15GB"], capsys)
+    code, out, _ = _fit(["fit", "-m", str(EXAMPLE), "--vram", "15GiB"], capsys)
     assert code == 0
     lines = out.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.strip() == "model:") - 1
@@ -284,7 +284,7 @@ def test_fit_on_the_example_prints_a_tabby_block_and_a_script_line(capsys: pytes
     assert doc["model"]["model_name"] == EXAMPLE.name
     cache = {"FP16": "fp16", "Q8": "q8", "Q6": "q6", "Q4": "q4"}[doc["model"]["cache_mode"]]
     ctx = doc["model"]["max_seq_len"]
-    recs = json.loads(_fit(["fit", "-m", str(EXAMPLE), "--vram", "15GB", "--json"], capsys)[1])
+    recs = json.loads(_fit(["fit", "-m", str(EXAMPLE), "--vram", "15GiB", "--json"], capsys)[1])
     assert ctx == next(r["max_ctx"] for r in recs if r["cache"] == cache)  # the block runs fit's answer
     flag = {"fp16": [], "q8": ["-cq8"], "q6": ["-cq6"], "q4": ["-cq4"]}[cache]
     script = next(ln.strip() for ln in lines[start + len(block):] if "examples/chat.py -m" in ln)
@@ -297,20 +297,20 @@ def test_fit_on_the_example_prints_a_tabby_block_and_a_script_line(capsys: pytes
 
 
 def test_fit_recipe_option_json_and_csv(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, out, _ = _fit(["fit", "-m", str(EXAMPLE), "--vram", "15GB", "--recipe", "python,webui"], capsys)
+    code, out, _ = _fit(["fit", "-m", str(EXAMPLE), "--vram", "15GiB", "--recipe", "python,webui"], capsys)
     assert code == 0 and "ExLlamaV2Config(" in out and "--loader ExLlamav2_HF" in out and "TabbyAPI" not in out
-    code, out, _ = _fit(["fit", "-m", str(EXAMPLE), "--vram", "15GB", "--recipe", "all", "--json"], capsys)
+    code, out, _ = _fit(["fit", "-m", str(EXAMPLE), "--vram", "15GiB", "--recipe", "all", "--json"], capsys)
     recs = json.loads(out)
     by = {r["cache"]: r for r in recs}
     assert "FP8" in by["fp8"]["recipe_tabby"] and "cache_mode: Q4" in by["q4"]["recipe_tabby"]
     assert "GGUF" in by["q4"]["recipe_llama.cpp"]
     csv_path = tmp_path / "fit.csv"
-    assert _fit(["fit", "-m", str(EXAMPLE), "--vram", "15GB", "--csv", str(csv_path)], capsys)[0] == 0
+    assert _fit(["fit", "-m", str(EXAMPLE), "--vram", "15GiB", "--csv", str(csv_path)], capsys)[0] == 0
     import csv
 
     rows = list(csv.DictReader(csv_path.open()))
     assert all(r["recipe_script"].startswith(ENV_WORD) and "model:" in r["recipe_tabby"] for r in rows if r["cache"] != "fp8")
-    code, _, err = _fit(["fit", "-m", str(EXAMPLE), "--vram", "15GB", "--recipe", "ollama"], capsys)
+    code, _, err = _fit(["fit", "-m", str(EXAMPLE), "--vram", "15GiB", "--recipe", "ollama"], capsys)
     assert code == 2 and err.count("\n") == 1 and "--recipe" in err
 
 
@@ -319,11 +319,11 @@ def test_fit_on_a_gguf_prints_a_llama_server_line(tmp_path: Path, capsys: pytest
     from gguf_util import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
-    code, out, _ = _fit(["fit", "-m", str(path), "--vram", "1GB"], capsys)
+    code, out, _ = _fit(["fit", "-m", str(path), "--vram", "2GB"], capsys)
     assert code == 0
     line = next(ln.strip() for ln in out.splitlines() if ln.strip().startswith("llama-server "))
     words = shlex.split(line)
-    recs = json.loads(_fit(["fit", "-m", str(path), "--vram", "1GB", "--json"], capsys)[1])
+    recs = json.loads(_fit(["fit", "-m", str(path), "--vram", "2GB", "--json"], capsys)[1])
     by = {(r["max_ctx"], r["cache"]) for r in recs}
     k, v = words[words.index("-ctk") + 1], words[words.index("-ctv") + 1]
     assert (int(words[words.index("-c") + 1]), k if k == v else f"{k}/{v}") in by

@@ -48,7 +48,7 @@ def test_breakdown_parts_add_up_and_weights_exclude_embedding(variants):
 
 def test_max_context_is_the_boundary(variants):
     v = variants[0]
-    budget = Budget(per_device=(515 * MIB,), overhead=(500 * MIB,))
+    budget = Budget(per_device=(515 * MIB,), overhead=(500 * MIB,), margin=(0,))
     res = max_context(variant=v, cache="fp16", split=Split(), budget=budget)
     assert res.max_seq_len is not None and res.max_seq_len % 256 == 0 and res.max_seq_len < res.default_ctx
     ok = evaluate(config=Configuration(variant=v, max_seq_len=res.max_seq_len, cache="fp16", split=Split()), budget=budget)
@@ -63,12 +63,12 @@ def test_autosplit_moves_layers_to_second_gpu_when_first_is_full(variants):
     # flash-attention: the inference peak equals load_autosplit's test forward (without it, SDPA's
     # context-sized repeat_kv is not seen by the test forward and the engine keeps modules on GPU 0)
     rt = RuntimeOptions(flash_attn=True)
-    big = Budget(per_device=(4 * 1024 * MIB,), overhead=(0,))
+    big = Budget(per_device=(4 * 1024 * MIB,), overhead=(0,), margin=(0,))
     one = evaluate(config=Configuration(variant=v, max_seq_len=8192, cache="fp16", split=Split(mode="auto", n_devices=2)),
                    budget=big, runtime=rt)
     assert one.fits and one.devices[1].n_modules == 0
     need = one.devices[0].total
-    tight = Budget(per_device=(need * 9 // 10 + 256 * MIB,), overhead=(0,))
+    tight = Budget(per_device=(need * 9 // 10 + 256 * MIB,), overhead=(0,), margin=(0,))
     no_reserve = Split(mode="auto", n_devices=2, reserve_bytes=(0, 0))
     two = evaluate(config=Configuration(variant=v, max_seq_len=8192, cache="fp16", split=no_reserve), budget=tight, runtime=rt)
     assert two.fits

@@ -148,8 +148,9 @@ def test_fit_prints_the_gpu_split_that_beats_autosplit_and_it_round_trips() -> N
 
 
 def test_reserve_option_changes_autosplit_and_is_validated() -> None:
-    plain = json.loads(_fit("--gpus", "2", "--cache", "fp16", "--json").output)[0]["autosplit_max_ctx"]
-    reserved = json.loads(_fit("--gpus", "2", "--reserve", "1GiB,0", "--cache", "fp16", "--json").output)[0]
+    plain = json.loads(_fit("--gpus", "2", "--cache", "fp16", "--margin", "0", "--json").output)[0]["autosplit_max_ctx"]
+    reserved = json.loads(_fit("--gpus", "2", "--reserve", "1GiB,0", "--cache", "fp16", "--margin", "0",
+                               "--json").output)[0]
     assert reserved["autosplit_max_ctx"] > plain  # GPU 0 keeps room for the SDPA copies at run time
     for bad, msg in ((["--gpu-split", "8,8", "--reserve", "1GiB"], "--reserve applies to autosplit only"),
                      (["--reserve", "1GiB"], "--reserve applies to autosplit only"),

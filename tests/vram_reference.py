@@ -155,6 +155,7 @@ class _Dev:
         self.index, self.budget, self.overhead = index, budget, overhead
         self.weights = self.cache = self.staging = self.scratch = self.rope = self.transient = 0
         self.n_modules = self.n_kv = 0
+        self.margin = 0
 
     def steady(self) -> int:
         return self.overhead + self.weights + self.cache + self.staging + self.scratch + self.rope
@@ -182,10 +183,12 @@ class _Dev:
             transient=self.transient,
             n_modules=self.n_modules,
             n_kv_layers=self.n_kv,
+            margin=self.margin if used else 0,
         )
 
 
-def place(*, plan: RefPlan, split: Split, budgets: tuple[int, ...], overhead_bytes: tuple[int, ...]) -> VramVerdict:
+def place(*, plan: RefPlan, split: Split, budgets: tuple[int, ...], overhead_bytes: tuple[int, ...],
+          margin_bytes: tuple[int, ...] = (0,)) -> VramVerdict:
     """Assign modules to devices as the engine would and return the per-device breakdown.
 
     Args:
@@ -202,12 +205,23 @@ def place(*, plan: RefPlan, split: Split, budgets: tuple[int, ...], overhead_byt
     n = max(split.n_devices, 1)
     budgets = _expand(budgets, n, "budgets")
     overheads = _expand(overhead_bytes, n, "overhead_bytes")
-    devs = [_Dev(i, budgets[i], overheads[i]) for i in range(n)]
+    margins = _expand(margin_bytes, n, "margin_bytes")
+
+    def devices(with_margin: bool) -> list[_Dev]:
+        devs = [_Dev(i, budgets[i], overheads[i]) for i in range(n)]
+        for d, m in zip(devs, margins, strict=True):
+            d.margin = m if with_margin else 0
+        return devs
+
     if split.mode == "single":
-        return _place_single(plan, devs[:1])
+        return _place_single(plan, devices(True)[:1])
     if split.mode == "manual":
-        return _place_manual(plan, split, devs)
-    return _place_auto(plan, split, devs)
+        return _place_manual(plan, split, devices(True))
+    # autosplit: the answer must hold with the overhead as assumed and with the margin used up by it
+    nominal = _place_auto(plan, split, devices(False))
+    if not nominal.fits or not any(margins):
+        return nominal
+    return _place_auto(plan, split, devices(True))
 
 
 def _expand(values: tuple[int, ...], n: int, what: str) -> tuple[int, ...]:
@@ -224,7 +238,8 @@ def _finish(devs: list[_Dev], placed: bool, reason: str) -> VramVerdict:
         over = [d for d in frozen if not d.fits]
         if over:
             d = over[0]
-            reason = f"GPU {d.index} needs {d.total / GIB:.2f} GiB of {d.budget / GIB:.2f} GiB"
+            keep = f" + {d.margin / GIB:.2f} GiB margin" if d.margin else ""
+            reason = f"GPU {d.index} needs {d.total / GIB:.2f} GiB{keep} of {d.budget / GIB:.2f} GiB"
     return VramVerdict(devices=frozen, placed=placed, reason=reason)
 
 
@@ -276,7 +291,7 @@ def _place_auto(plan: RefPlan, split: Split, devs: list[_Dev]) -> VramVerdict:
                 d.scratch, d.rope = scratch, plan.rope_bytes
                 touched = cur
             held = split.reserve_bytes[cur] + AUTOSPLIT_MIN_RESERVE
-            need = d.steady() + m.weight_bytes + held + m.test_transient_bytes
+            need = d.steady() + d.margin + m.weight_bytes + held + m.test_transient_bytes
             if m.kv_layer:
                 need += plan.cache_layer_bytes + (plan.cache_staging_bytes if d.n_kv == 0 else 0)
             if need <= d.budget:

@@ -44,6 +44,11 @@ GpuSplitOpt = typer.Option(
          "exllamav3's use_per_device. "
          "GGUF: llama.cpp tensor_split proportions of the offloaded layers (10,15 = 40%/60%).",
 )
+MarginOpt = typer.Option(
+    None, "--margin",
+    help="Safety margin kept free on every GPU, one size or a per-GPU list (0 turns it off). Default: from how "
+         "uncertain the overhead is (1.5 GiB less the assumed overhead, none with --overhead); the output says which.",
+)
 ReserveOpt = typer.Option(
     None, "--reserve",
     help="exl2 autosplit (--gpus 2+): VRAM kept free on each GPU while loading (ExLlamaV2 load_autosplit reserve_vram, "
@@ -89,14 +94,18 @@ NGpuLayersOpt = typer.Option(
 )
 
 
-def budget_from(*, vram: str, overhead: Optional[str]) -> Budget:
-    """``--vram`` and ``--overhead`` to a :class:`Budget` (bytes)."""
+def budget_from(*, vram: str, overhead: Optional[str], margin: Optional[str] = None) -> Budget:
+    """``--vram``, ``--overhead`` and ``--margin`` to a :class:`Budget` (bytes)."""
     from optimizer.space import Budget
     from optimizer.units import parse_sizes
 
     per = parse_sizes(vram)
     ov = parse_sizes(overhead, allow_zero=True) if overhead else None
-    return Budget(per_device=per, overhead=ov)
+    mg = parse_sizes(margin, allow_zero=True) if margin else None
+    for what, vals in (("--overhead", ov), ("--margin", mg)):
+        if vals is not None and len(vals) not in (1, len(per)):
+            raise BadOptionError(f"{what} lists {len(vals)} GPUs but --vram lists {len(per)}")
+    return Budget(per_device=per, overhead=ov, margin=mg)
 
 
 def split_from(*, gpus: Optional[int], gpu_split: Optional[str], budget: Budget, reserve: Optional[str] = None) -> Split:

@@ -48,6 +48,8 @@ class StudyArgs:
         2048, "--min-ctx", callback=c.in_range("--min-ctx", 0, 1 << 26),
         help="Floor on context length (tokens); smaller configurations are not searched."))
     overhead: Optional[str] = _opt(c.OverheadOpt)
+    margin: Optional[str] = _opt(c.MarginOpt)
+    reserve: Optional[str] = _opt(c.ReserveOpt)
     chunk: int = _opt(c.ChunkOpt)
     batch: int = _opt(c.BatchOpt)
     flash_attn: bool = _opt(c.FlashOpt)
@@ -214,8 +216,8 @@ def spec_from_args(args: StudyArgs) -> SearchSpec:
         raise BadOptionError("--eval-window must be >= 64 tokens and --eval-windows >= 1")
     if args.eval_data is not None and not args.eval_data.is_file():
         raise BadOptionError(f"--eval-data {args.eval_data}: no such file")
-    budget = c.budget_from(vram=args.vram, overhead=args.overhead)
-    split = c.split_from(gpus=args.gpus, gpu_split=args.gpu_split, budget=budget)
+    budget = c.budget_from(vram=args.vram, overhead=args.overhead, margin=args.margin)
+    split = c.split_from(gpus=args.gpus, gpu_split=args.gpu_split, budget=budget, reserve=args.reserve)
     contexts = c.parse_contexts(args.ctx)
     caches = c.parse_caches(args.cache)
     variants = c.filter_formats(resolve_sources(specs=list(args.model), hub=c.hub_options(offline=args.offline)),

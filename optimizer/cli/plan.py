@@ -56,6 +56,7 @@ def plan(
     ctx: str = c.CtxOpt,
     cache: Optional[str] = c.CacheOpt,
     overhead: Optional[str] = c.OverheadOpt,
+    margin: Optional[str] = c.MarginOpt,
     chunk: int = c.ChunkOpt,
     batch: int = c.BatchOpt,
     flash_attn: bool = c.FlashOpt,
@@ -70,12 +71,12 @@ def plan(
     """Predict VRAM per GPU for every variant x context x cache mode, and whether it fits."""
     from optimizer.formats import RuntimeOptions
     from optimizer.sources import resolve_sources
-    from optimizer.space import check_caches, enumerate_configs, plan_rows
+    from optimizer.space import check_caches, enumerate_configs, margin_note, plan_rows
     from optimizer.tables import breakdown_json, plan_record, text_table, to_csv, to_json
     from optimizer.textsafe import safe
 
     c.check_output_file(csv_path, option="--csv")
-    budget = c.budget_from(vram=vram, overhead=overhead)
+    budget = c.budget_from(vram=vram, overhead=overhead, margin=margin)
     split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget, reserve=reserve)
     contexts = c.parse_contexts(ctx)
     caches = c.parse_caches(cache)
@@ -99,6 +100,7 @@ def plan(
         print(to_json([{**rec, "devices": breakdown_json(r.verdict)} for r, rec in shown]))
         return
     print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
+    print(margin_note(formats=[v.format for v in variants], budget=budget))
     several = len({v.format for v in variants}) > 1  # one table for every format: say which row is which
     cols = (["format"] if several else []) + list(_PLAN_COLS.values()) + pr.columns(gpu_names)
     by_rec = {id(rec): p for rec, p in zip(records, preds, strict=True)}
@@ -151,6 +153,7 @@ def fit(
     reserve: Optional[str] = c.ReserveOpt,
     cache: Optional[str] = c.CacheOpt,
     overhead: Optional[str] = c.OverheadOpt,
+    margin: Optional[str] = c.MarginOpt,
     chunk: int = c.ChunkOpt,
     batch: int = c.BatchOpt,
     flash_attn: bool = c.FlashOpt,
@@ -171,13 +174,13 @@ def fit(
     from optimizer.recipes import parse_recipe_option, spec_for
     from optimizer.recipes.present import fit_section, record_fields, tools_of
     from optimizer.sources import resolve_sources
-    from optimizer.space import better_split, check_caches, max_context, split_search
+    from optimizer.space import better_split, check_caches, margin_note, max_context, split_search
     from optimizer.tables import fit_record, text_table, to_csv, to_json
     from optimizer.textsafe import safe
 
     chosen = parse_recipe_option(recipe_opt)
     c.check_output_file(csv_path, option="--csv")
-    budget = c.budget_from(vram=vram, overhead=overhead)
+    budget = c.budget_from(vram=vram, overhead=overhead, margin=margin)
     split = c.split_from(gpus=gpus, gpu_split=gpu_split, budget=budget, reserve=reserve)
     caches = c.parse_caches(cache)
     runtime = RuntimeOptions(batch_size=batch, chunk_len=chunk, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers)
@@ -217,6 +220,7 @@ def fit(
         print(to_json(records))
         return
     print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
+    print(margin_note(formats=[v.format for v in variants], budget=budget))
     several = len({v.format for v in variants}) > 1  # one table for every format: say which row is which
     for v in variants:
         print(safe(f"{v.label}{f' ({v.format})' if several else ''}: {v.source}"))

@@ -39,16 +39,22 @@ def _describe(tensors: Sequence[TensorInfo]) -> str:
     return f"{fmt_gib(total)} ({total} bytes) in {len(tensors)} tensor(s) ({names}{more})"
 
 
-def check_exl2(arch: ModelArch, tensors: Iterable[TensorInfo], *, where: str) -> None:
+def check_exl2(arch: ModelArch, tensors: Iterable[TensorInfo], *, where: str,
+               grouped: tuple[dict[str, int], list[TensorInfo]] | None = None) -> None:
     """Raise when the exl2 rules would leave weights out of the plan (see the module docstring).
+
+    ``grouped``: ``group_modules``'s result and its ``dropped`` list when the caller has them already.
 
     Raises:
         WeightsHeaderError: unaccounted bytes above :data:`TOLERATED_BYTES`, or an empty layer.
     """
-    from optimizer.formats.exl2 import group_modules
+    from optimizer.formats.exl2_modules import group_modules
 
-    dropped: list[TensorInfo] = []
-    modules = group_modules(arch, tensors, dropped=dropped)
+    if grouped is None:
+        dropped: list[TensorInfo] = []
+        modules = group_modules(arch, tensors, dropped=dropped)
+    else:
+        modules, dropped = grouped
     if arch.spec.lm_prefix:
         dropped = [t for t in dropped if not t.name.startswith(VISION_PREFIXES)]
     if sum(t.nbytes for t in dropped) > TOLERATED_BYTES:

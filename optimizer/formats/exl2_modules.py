@@ -118,10 +118,15 @@ def module_table(arch: ModelArch, tensors: Iterable[TensorInfo]) -> ModuleTable:
     Raises:
         ModelConfigError: the tensors do not belong to this architecture.
     """
+    return table_of(group_modules(arch, tensors))
+
+
+def table_of(groups: dict[str, int]) -> ModuleTable:
+    """:func:`group_modules`'s result as a :class:`ModuleTable` (the embedding left out)."""
     names: list[str] = []
     weights: list[int] = []
     kinds: list[int] = []
-    for key, nbytes in group_modules(arch, tensors).items():
+    for key, nbytes in groups.items():
         if key == "embed":
             continue
         names.append(key)

@@ -8,9 +8,9 @@ from optimizer.arch import ModelArch, parse_arch
 from optimizer.formats import RuntimeOptions
 from optimizer.formats.accounting import check_exl2
 from optimizer.formats.exl2 import CACHE_MODES, DEFAULT_OVERHEAD_BYTES, Exl2Settings, table_plan
-from optimizer.formats.exl2_modules import module_table
+from optimizer.formats.exl2_modules import group_modules, table_of
 from optimizer.textsafe import safe
-from optimizer.variant import Variant
+from optimizer.variant import TensorInfo, Variant
 from optimizer.vram import MemoryPlan, ModuleTable
 
 FORMAT = "exl2"
@@ -43,8 +43,10 @@ def _table(variant: Variant) -> ModuleTable:
     """The variant's modules with their weights, grouped once per variant (thousands of tensors).
     Weights the rules would leave out are refused first (``optimizer.formats.accounting``)."""
     arch = arch_of(variant)
-    check_exl2(arch, variant.tensors, where=safe(variant.source))
-    return module_table(arch, variant.tensors)
+    dropped: list[TensorInfo] = []
+    groups = group_modules(arch, variant.tensors, dropped=dropped)
+    check_exl2(arch, variant.tensors, where=safe(variant.source), grouped=(groups, dropped))
+    return table_of(groups)
 
 
 @lru_cache(maxsize=8192)

@@ -45,7 +45,8 @@ class SearchSpec:
 
     def fingerprint(self) -> str:
         """What must not change when a study is resumed."""
-        return json.dumps({
+        margin = {"margin": list(self.budget.margin)} if self.budget.margin is not None else {}
+        return json.dumps({**margin,
             "variants": sorted(v.key for v in self.variants),
             "budget": [list(self.budget.per_device), list(self.budget.overhead or ())],
             "split": self.split.label, "contexts": list(self.contexts or ()), "caches": list(self.caches or ()),
@@ -114,7 +115,8 @@ def spec_record(spec: SearchSpec) -> dict[str, Any]:
     return {
         "variants": [variant_record(v) for v in spec.variants],
         "budget": {"per_device": list(spec.budget.per_device),
-                   "overhead": list(spec.budget.overhead) if spec.budget.overhead is not None else None},
+                   "overhead": list(spec.budget.overhead) if spec.budget.overhead is not None else None,
+                   "margin": list(spec.budget.margin) if spec.budget.margin is not None else None},
         "split": asdict(spec.split),
         "contexts": list(spec.contexts) if spec.contexts is not None else None,
         "caches": list(spec.caches) if spec.caches is not None else None,
@@ -138,10 +140,12 @@ def spec_from_record(rec: Any, *, study_name: str = "") -> SearchSpec:
         for k in ("gpu_split", "reserve_bytes"):
             sp[k] = tuple(sp.get(k) or ())
         ov = rec["budget"].get("overhead")
+        mg = rec["budget"].get("margin")
         return SearchSpec(
             variants=tuple(variant_from_record(v) for v in rec["variants"]),
             budget=Budget(per_device=tuple(rec["budget"]["per_device"]),
-                          overhead=tuple(ov) if ov is not None else None),
+                          overhead=tuple(ov) if ov is not None else None,
+                          margin=tuple(mg) if mg is not None else None),
             split=Split(**sp),
             contexts=tuple(rec["contexts"]) if rec.get("contexts") is not None else None,
             caches=tuple(rec["caches"]) if rec.get("caches") is not None else None,
