@@ -41,5 +41,9 @@ if ! command -v chromium >/dev/null 2>&1; then
   else
     echo "install-dev: no chromium (apt-get install chromium as root); the browser test will be skipped" >&2
   fi
+  if [ "${CI:-}" = true ] && ! command -v chromium >/dev/null 2>&1; then
+    echo "install-dev: CI=true and chromium could not be installed; the browser test must run in CI" >&2
+    exit 1
+  fi
 fi
 echo "install-dev: done"
