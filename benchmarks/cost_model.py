@@ -123,7 +123,7 @@ class CostEngine:
         base = math.log(ppl_of(self.ls, s.variant, s.cache))
         logs = []
         for w in range(first, first + n):
-            noise = random.Random(f"{key_of(s)}|{w}").gauss(0, 0.002)
+            noise = random.Random(f"{s.variant.bits}|{s.cache}|{s.split.label}|{w}").gauss(0, 0.002)
             logs.append(base + WINDOW_DIFFICULTY[w % len(WINDOW_DIFFICULTY)] + noise)
         return math.exp(sum(logs) / len(logs))
 

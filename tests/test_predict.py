@@ -203,3 +203,14 @@ def test_fit_decode_recovers_efficiency_and_layer_cost() -> None:
     assert cal.tau == pytest.approx(tau, rel=1e-6)
     one = fit_decode(pts[:1])  # one size: prior tau kept, eta fitted to pass through the point
     assert 1 / (pts[0].weight_bytes / (one.eta_w * bw) + 40 * one.tau) == pytest.approx(pts[0].tok_s, rel=1e-6)
+
+
+def test_an_odd_anchor_moves_only_its_neighbours() -> None:
+    smooth = [(b, 6.0 * math.exp(300 * math.exp(-1.5 * b))) for b in (3.0, 4.0, 5.0, 6.0, 8.0)]
+    odd = [(b, p * (1.05 if b == 4.0 else 1.0)) for b, p in smooth]  # one variant 5 % worse than the curve
+    far = quality("exl2", [6.5, 7.0], anchors=odd)
+    ref = quality("exl2", [6.5, 7.0], anchors=smooth)
+    for a, b in zip(far, ref, strict=True):  # between 6 and 8 bpw the odd 4.0 bpw anchor barely matters
+        assert a.value == pytest.approx(b.value, rel=1e-3)
+    near = quality("exl2", [4.5], anchors=odd)[0].value
+    assert near > 1.01 * quality("exl2", [4.5], anchors=smooth)[0].value  # its neighbours follow it

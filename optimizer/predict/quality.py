@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from optimizer.predict.estimate import Estimate
 
@@ -53,6 +53,9 @@ class QualityFit:
     log_ref: float
     absolute: bool
     alternatives: tuple[tuple[float, float, float], ...] = ()
+    #: ``(b_lo, b_hi, fit)``: between two neighbouring anchors, the curve through just those two (one odd variant
+    #: then moves only its neighbours' predictions); outside every piece the global fit applies
+    pieces: tuple[tuple[float, float, QualityFit], ...] = ()
 
     def log_ppl(self, bits: float) -> float:
         return self.log_ref + self.a * math.exp(-self.c * bits)
@@ -60,6 +63,9 @@ class QualityFit:
     def predict(self, bits: float) -> Estimate:
         """Perplexity (``absolute``) or ratio to FP16 at ``bits`` per weight."""
         _check_bits(bits)
+        for lo, hi, piece in self.pieces:
+            if lo <= bits <= hi:
+                return piece.predict(bits)
         v = math.exp(self.log_ppl(bits))
         alts = [math.exp(r + a * math.exp(-c * bits)) for c, a, r in self.alternatives]
         est = Estimate.spread(v, *alts)
@@ -127,7 +133,13 @@ def fit(fmt: str, anchors: Sequence[tuple[float, float]] = (), *, curve: Curve |
     c = min(_C_GRID, key=lambda k: _sse(k, pts))
     a, r = _solve(c, pts)
     alts = tuple((k * c, *_solve(k * c, pts)) for k in (0.8, 1.25))
-    return QualityFit(fmt, c, a, r, True, alts)
+    by_bits: dict[float, list[float]] = {}
+    for b, p in pts:
+        by_bits.setdefault(b, []).append(math.log(p))
+    knots = sorted((b, math.exp(sum(v) / len(v))) for b, v in by_bits.items())
+    pieces = tuple((b0, b1, fit(fmt, [(b0, p0), (b1, p1)], curve=replace(cv, c_anchored=c), sigma=sigma))
+                   for (b0, p0), (b1, p1) in zip(knots, knots[1:], strict=False))
+    return QualityFit(fmt, c, a, r, True, alts, pieces)
 
 
 def quality(fmt: str, bits: Sequence[float], anchors: Sequence[tuple[float, float]] = (),
