@@ -8,7 +8,8 @@ from pathlib import Path
 from fake_engine import FakeBackend, fake_ppl, fake_speed
 from test_study import _front, _run, _spec, variants_dir  # noqa: F401  (fixture)
 
-from optimizer.study import build_space, open_study
+from optimizer.evaldata import EvalText
+from optimizer.study import build_space, open_study, run
 
 
 def _truth(spec) -> dict[str, tuple[float, float, float]]:
@@ -41,3 +42,26 @@ def test_guided_finds_the_whole_front_with_fewer_measurements(variants_dir: Path
     be2 = FakeBackend()
     res2 = _run(spec, tmp_path, be2, exhaustive=True)
     assert res2.n_measured == len(truth) - len(measured)
+
+
+def test_paired_windows_stop_a_dominated_cache_after_a_few_windows(variants_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    from dataclasses import replace
+
+    # one context, fp16 and q8: q8 is slower and worse (fake landscape), so once fp16 is measured, q8's speed test
+    # shows fp16 is as fast with as much context, and its first windows settle it worse: skipped, not finished
+    spec = _spec(variants_dir, vram="4GiB", contexts=(2048,), caches=("fp16", "q8"))
+    spec = replace(spec, eval_protocol=replace(spec.eval_protocol, n_windows=8),
+                   variants=tuple(v for v in spec.variants if v.bits == 4.0))
+    be = FakeBackend()
+    text = "hello world " * 200
+    res = run(spec=spec, study_name="p", backend_factory=lambda v: be, root=tmp_path / "studies",
+              eval_text=lambda: EvalText(dataset_id="fake:2", text=text),
+              exhaustive=False, gpus=("RTX 4090",))
+    study = open_study(study_name="p", storage_url=None, root=tmp_path / "studies", create=False)
+    by_cache = {t.user_attrs["cache"]: t.user_attrs for t in study.trials if t.user_attrs.get("config_key")}
+    assert by_cache["fp16"]["status"] == "measured"
+    assert by_cache["q8"]["status"] == "skipped" and "shared windows" in by_cache["q8"]["reason"]
+    ppl_calls = [k for what, k in be.engine.calls if what == "ppl"]
+    assert sum(1 for k in ppl_calls if k.endswith("|q8")) == 3  # min_windows, not all 8
+    assert sum(1 for k in ppl_calls if k.endswith("|fp16")) == 8
+    assert res.n_measured == 1 and res.n_skipped == 1
