@@ -1,4 +1,4 @@
-from optimizer.cli import main
+from optimizer.entry import main
 
 if __name__ == "__main__":
     main()

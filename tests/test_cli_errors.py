@@ -157,3 +157,29 @@ def test_debug_shows_traceback(models, tmp_path, how):
         r = _run(args, _env(tmp_path, EXL2OPT_DEBUG="1"))
     assert r.returncode != 0
     assert "Traceback" in r.stderr and "ModelConfigError" in r.stderr
+
+
+CTRL_C_DURING_IMPORT = """
+import builtins, sys
+real_import = builtins.__import__
+def interrupted(name, *args, **kwargs):
+    if name == "optimizer.cli":
+        raise KeyboardInterrupt  # as a Ctrl-C would, while typer and the commands are still importing
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = interrupted
+from optimizer.entry import main
+sys.argv = ["exl2opt", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_ctrl_c_while_the_cli_is_importing_is_one_line(tmp_path, debug):
+    """The console script (optimizer.entry:main) turns a Ctrl-C during its own import into exit 130."""
+    args = ["--debug"] if debug else []
+    r = subprocess.run([sys.executable, "-c", CTRL_C_DURING_IMPORT, *args, "fit", "--help"], capture_output=True,
+                       text=True, env=_env(tmp_path), timeout=60)
+    if debug:
+        assert r.returncode != 0 and "Traceback" in r.stderr and "KeyboardInterrupt" in r.stderr
+        return
+    assert (r.returncode, r.stderr.strip(), r.stdout) == (130, "exl2opt: interrupted", "")

@@ -31,8 +31,10 @@ def in_range(option: str, lo: int, hi: int) -> Callable[[Optional[int]], Optiona
     return check
 
 
-ModelOpt = typer.Option(..., "--model", "-m", help="Local dir, dir of variant dirs, or Hub repo (org/name[@revision]). Repeatable.")
-VramOpt = typer.Option(..., "--vram", help="VRAM per GPU: 15GB (10^9 B), 15GiB (2^30 B), 15000MiB, or a per-GPU list 24GB,24GB.")
+ModelOpt = typer.Option(..., "--model", "-m", metavar="SRC",
+                         help="Local dir, dir of variant dirs, or Hub repo (org/name[@revision]). Repeatable.")
+VramOpt = typer.Option(..., "--vram", metavar="SIZE",
+                        help="VRAM per GPU: 15GB (10^9 B), 15GiB (2^30 B), 15000MiB, or a per-GPU list 24GB,24GB.")
 GpusOpt = typer.Option(
     None, "--gpus",
     help="Number of GPUs. exl2: autosplit as ExLlamaV2 load_autosplit does. EXL3: exllamav3's layer split "

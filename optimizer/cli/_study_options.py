@@ -35,10 +35,10 @@ class StudyArgs:
     """Options shared by ``search`` and ``worker``: the search space, the protocols, the study."""
 
     model: Optional[list[str]] = _opt(typer.Option(
-        None, "--model", "-m", help="Local dir, dir of variant dirs, or Hub repo (org/name[@revision]). Repeatable. "
+        None, "--model", "-m", metavar="SRC", help="Local dir, dir of variant dirs, or Hub repo (org/name[@revision]). Repeatable. "
         "Needed to create a study; a worker joining an existing study reads them from it."))
     vram: Optional[str] = _opt(typer.Option(
-        None, "--vram", help="VRAM per GPU: 15GB (10^9 B), 15GiB (2^30 B), 15000MiB, or a per-GPU list 24GB,24GB "
+        None, "--vram", metavar="SIZE", help="VRAM per GPU: 15GB (10^9 B), 15GiB (2^30 B), 15000MiB, or a per-GPU list 24GB,24GB "
         "(with --model)."))
     gpus: Optional[int] = _opt(c.GpusOpt)
     gpu_split: Optional[str] = _opt(c.GpuSplitOpt)

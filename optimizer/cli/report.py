@@ -12,7 +12,7 @@ from optimizer.cli import app
 
 @app.command()
 def report(
-    study: str = typer.Argument(..., help="Study name (a folder under --studies-dir for the default journal storage)."),
+    study: str = typer.Argument(..., metavar="STUDY", help="Study name (a folder under --studies-dir for the default journal storage)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: studies/<study>/journal.log)."),
     root: Path = typer.Option(Path("studies"), "--studies-dir", "--root", help="Directory holding study folders."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the reports (default: studies/<study>/)."),
