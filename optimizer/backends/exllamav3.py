@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from optimizer.backends.base import DeviceMemory, EvalProtocol, LoadSpec, PrepareInfo, SpeedProtocol, SpeedResult
+from optimizer.backends.progress import window_done
 from optimizer.errors import BackendUnavailableError, EngineError, EngineOOMError
 from optimizer.formats.exl3 import cache_mode
 from optimizer.sources.download import local_path
@@ -259,6 +260,7 @@ class ExLlamaV3Engine:
                     nll -= float(lp.gather(-1, targets.unsqueeze(-1)).sum())
                     count += int(targets.numel())
                     pos = end
+                window_done(i + 1, n)
         return math.exp(nll / count)
 
     def speed(self, *, protocol: SpeedProtocol) -> SpeedResult:
