@@ -259,3 +259,19 @@ def test_front_points_within_the_speed_noise_are_marked() -> None:
     # one run each: nothing can be called noise
     single = [dict(r, gen_tok_s_min=None, gen_tok_s_max=None, gen_tok_s_runs=[], speed_runs=1) for r in rows]
     assert all(r["within_noise_of"] == "" for r in pareto_rows(single, {}))
+
+
+def test_report_without_matplotlib_writes_the_rest_and_says_how_to_get_the_plot(
+        study_root: tuple[Path, SearchSpec], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """matplotlib is the `plots` extra: the base install (README quick start) still reports, minus pareto.png."""
+    import sys
+
+    from optimizer.cli import main
+
+    root, _ = study_root
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ModuleNotFoundError, as when absent
+    out_dir = root / "no-mpl"
+    main(["report", "r", "--studies-dir", str(root), "--out", str(out_dir)])
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in out_dir.iterdir()) == ["pareto.csv", "report.html", "trials.csv"]
+    assert "pareto.png not drawn: matplotlib is not installed (pip install 'exl2opt[plots]')" in out.splitlines()

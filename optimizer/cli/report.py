@@ -50,6 +50,8 @@ def report(
     for line in [*recommendation(front).splitlines(), *files.comparison.splitlines()]:  # one line each: safe()
         con.print(plain(line), soft_wrap=True)                                           # escapes newlines
     con.print(plain("Reports: " + ", ".join(str(f) for f in files.written)))
+    if files.skipped:
+        con.print(plain(files.skipped))
     if open_page:
         from optimizer.errors import BadOptionError
 

@@ -87,3 +87,5 @@ def _write_reports(args: StudyArgs, *, name: str, recommend: bool) -> None:
         for line in [*recommendation(front).splitlines(), *files.comparison.splitlines()]:
             print(safe(line))  # line by line: safe() escapes a newline
     print(safe("Reports: " + ", ".join(str(f) for f in files.written)))
+    if files.skipped:
+        print(safe(files.skipped))

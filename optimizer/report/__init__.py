@@ -32,6 +32,9 @@ from optimizer.report.text import compare_formats, recommendation
 __all__ = ["PARETO_COLUMNS", "TRIAL_COLUMNS", "ReportFiles", "compare_formats", "recommendation", "scrub", "write_reports"]
 
 
+PLOTS_HINT = "pip install 'exl2opt[plots]'"
+
+
 @dataclass(frozen=True)
 class ReportFiles:
     """Paths written by :func:`write_reports` (plots None when they were not drawn)."""
@@ -41,6 +44,7 @@ class ReportFiles:
     png: Path | None
     html: Path | None
     comparison: str = ""
+    skipped: str = ""  # one line saying what was not drawn and why (matplotlib absent), else empty
 
     @property
     def written(self) -> tuple[Path, ...]:
@@ -59,12 +63,18 @@ def write_reports(*, study: Any, out_dir: Path, plots: bool = True) -> tuple[Rep
     pareto_csv.write_text(to_csv(front, PARETO_COLUMNS))
     trials_csv.write_text(to_csv(rows, TRIAL_COLUMNS))
     png = html = None
+    skipped = ""
     if plots:
         from optimizer.report.page import write_page
         from optimizer.report.png import write_png
 
-        png = write_png(rows, front, out_dir / "pareto.png")
+        try:
+            png = write_png(rows, front, out_dir / "pareto.png")
+        except ModuleNotFoundError as e:  # matplotlib is the `plots` extra, not in the base install
+            if e.name is None or e.name.split(".")[0] != "matplotlib":
+                raise
+            skipped = f"pareto.png not drawn: matplotlib is not installed ({PLOTS_HINT})"
         html = write_page(study=study, configs=configurations(rows), front=front, all_rows=rows, path=out_dir / "report.html")
     files = ReportFiles(pareto_csv=pareto_csv, trials_csv=trials_csv, png=png, html=html,
-                        comparison=compare_formats(rows, front))
+                        comparison=compare_formats(rows, front), skipped=skipped)
     return files, front
