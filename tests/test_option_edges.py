@@ -160,3 +160,13 @@ def test_long_non_ascii_study_name_is_one_line(tmp_path, capsys):
         main(["report", "é" * 130, "--studies-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert se.value.code in (1, 2) and "bytes in UTF-8" in err and err.count("\n") == 1
+
+
+def test_search_with_an_invalid_study_name_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from optimizer.cli import main
+
+    with pytest.raises(SystemExit) as se:
+        main(["search", "-m", str(EXAMPLE), "--vram", "24GB", "--studies-dir", str(tmp_path), "--study", "../x"])
+    err = capsys.readouterr().err
+    assert se.value.code == 1 and err.startswith("exl2opt: error: invalid study name") and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())

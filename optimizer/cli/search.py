@@ -40,6 +40,7 @@ def search(args: StudyArgs, own: SearchArgs) -> None:
     name = args.study_name()
     if name is None:
         raise BadOptionError("give --model and --vram (or --study NAME to resume a study)")
+    study_dir(study=name, root=args.root)  # an invalid --study name: one line before the progress bar starts
     spec = study_spec(args, name=name)
     gpu_names = pr.resolve_gpus(own.gpu)
     if own.predict_only:
