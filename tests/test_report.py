@@ -174,7 +174,7 @@ def test_png_keeps_every_label_on_the_canvas_and_shares_the_page_colour_scale(
     """pareto.png used to clip its rightmost label, and the page's colour scale stopped elsewhere."""
     from PIL import Image
 
-    from optimizer.report.png import front_figure, texts_outside
+    from optimizer.report.png import front_figure, labels_overlapping, texts_outside
     from optimizer.report.rows import context_range, pareto_rows, trial_rows
 
     root, _ = study_root
@@ -186,6 +186,10 @@ def test_png_keeps_every_label_on_the_canvas_and_shares_the_page_colour_scale(
     long_front = [dict(r, label=r["label"] + "-with-a-rather-long-label") if r is fastest else r for r in front]
     fig = front_figure(rows, long_front)
     assert texts_outside(fig) == []
+    assert labels_overlapping(fig) == []
+    # two front points almost on top of each other: their labels are moved apart
+    twin = dict(long_front[0], label=long_front[0]["label"] + "-twin", gen_tok_s=long_front[0]["gen_tok_s"] * 1.001)
+    assert labels_overlapping(front_figure(rows, [*long_front, twin])) == []
     # the colour bar spans exactly the measured contexts, as the page's scale does
     cbar = [im for ax in fig.axes for im in ax.collections if getattr(im, "norm", None) is not None and im.get_array() is not None]
     lo, hi = context_range(rows)

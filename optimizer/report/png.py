@@ -39,17 +39,20 @@ def front_figure(rows: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]]
             cb.set_ticks(ticks)
             cb.set_ticklabels([str(t) for t in ticks])
         cb.minorticks_off()
-        span = (max(xs) - min(xs)) or max(xs) or 1.0
-        ax.set_xlim(min(xs) - 0.08 * span, max(xs) + 0.08 * span)
+        lo_x = min(speed_range(r)[0] for r in pts)
+        hi_x = max(speed_range(r)[1] for r in pts)  # the spread bars stay inside the axes
+        span = (hi_x - lo_x) or hi_x or 1.0
+        ax.set_xlim(lo_x - 0.08 * span, hi_x + 0.08 * span)
     if front:
         ax.scatter([r["gen_tok_s"] for r in front], [r["perplexity"] for r in front], facecolors="none",
                    edgecolors="red", s=90, linewidths=1.5, label="Pareto front", zorder=3)
         x0, x1 = ax.get_xlim()
+        labels = []
         for r in front:
             right_half = (float(r["gen_tok_s"]) - x0) > 0.5 * (x1 - x0)
             tag = f"{r['label']} {r['cache_mode']} {r['max_seq_len']}" + (" ≈" if r.get("within_noise_of") else "")
-            ax.annotate(tag, (r["gen_tok_s"], r["perplexity"]), fontsize=7, textcoords="offset points",
-                        xytext=(-6, 3) if right_half else (6, 3), ha="right" if right_half else "left", zorder=4)
+            labels.append(ax.annotate(tag, (r["gen_tok_s"], r["perplexity"]), fontsize=7, textcoords="offset points",
+                                      xytext=(-6, 3) if right_half else (6, 3), ha="right" if right_half else "left", zorder=4))
     ax.set_xlabel("generation tokens/s (higher is better; bars: slowest to fastest timed run)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title("exl2opt: measured configurations within the VRAM budget (≈: within speed noise)", fontsize=10)
@@ -60,7 +63,33 @@ def front_figure(rows: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]]
         ax.text(0.5, 0.5, "no measured configuration", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.canvas.draw()
+    if front:
+        _separate(fig, labels)
     return fig
+
+
+def _separate(fig: Any, labels: list[Any]) -> None:
+    """Move front labels that overlap an earlier one below or above their point (points offsets)."""
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for lab in labels:
+        dx = lab.xyann[0]
+        for dy in (3, -10, 14, -22, 26, -34):
+            lab.xyann = (dx, dy)
+            box = lab.get_window_extent(renderer=renderer)
+            if not any(box.overlaps(p) for p in placed):
+                break
+        placed.append(lab.get_window_extent(renderer=renderer))
+    fig.canvas.draw()
+
+
+def labels_overlapping(fig: Any) -> list[str]:
+    """Annotation texts of a drawn figure whose boxes overlap another's."""
+    from matplotlib.text import Annotation
+
+    renderer = fig.canvas.get_renderer()
+    anns = [(a.get_text(), a.get_window_extent(renderer=renderer)) for a in fig.findobj(Annotation)]
+    return [f"{t} / {u}" for i, (t, b) in enumerate(anns) for u, c in anns[i + 1:] if b.overlaps(c)]
 
 
 def texts_outside(fig: Any) -> list[str]:
