@@ -170,3 +170,12 @@ def test_search_with_an_invalid_study_name_is_one_line_and_writes_nothing(tmp_pa
     err = capsys.readouterr().err
     assert se.value.code == 1 and err.startswith("exl2opt: error: invalid study name") and err.count("\n") == 1, err
     assert not any(tmp_path.iterdir())
+
+
+def test_search_with_a_bad_storage_url_is_one_line(tmp_path, capsys):
+    from optimizer.cli import main
+
+    with pytest.raises(SystemExit) as se:
+        main(["search", "-m", str(EXAMPLE), "--vram", "24GB", "--studies-dir", str(tmp_path), "--storage", "bogus://x"])
+    err = capsys.readouterr().err
+    assert se.value.code == 1 and err.startswith("exl2opt: error:") and err.count("\n") == 1, err

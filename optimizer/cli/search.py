@@ -53,7 +53,7 @@ def search(args: StudyArgs, own: SearchArgs) -> None:
     resume = printed("search", study=name, root=args.root, storage_url=args.storage, extra=extra)
     report_cmd = printed("report", study=name, root=args.root, storage_url=args.storage)
     try:
-        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+        with _progress(Progress)(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=Console(stderr=True), transient=False) as prog:
             res = run(spec=spec, study_name=name, backend_factory=factory,
                       eval_text=lambda: load_eval_text(path=args.eval_data), storage_url=args.storage, root=args.root,
@@ -90,3 +90,17 @@ def _write_reports(args: StudyArgs, *, name: str, recommend: bool) -> None:
     print(safe("Reports: " + ", ".join(str(f) for f in files.written)))
     if files.skipped:
         print(safe(files.skipped))
+
+
+def _progress(base: type) -> type:
+    """rich's Progress, less the blank line it prints when it stops on a non-terminal with no task
+    (an error before the first measurement is then one line on stderr)."""
+
+    class _Quiet(base):  # type: ignore[valid-type,misc]
+        def stop(self) -> None:
+            if self.tasks:
+                super().stop()
+            elif not self.disable:
+                self.live.stop()
+
+    return _Quiet
