@@ -209,8 +209,12 @@ def max_context(
 ) -> FitResult:
     """Largest multiple of the format's context step, up to the model's default context, that fits.
 
-    Memory never decreases with context length, so a binary search over multiples of the step is
-    exact with respect to the VRAM model.
+    On one GPU memory never decreases with context length, so a binary search over multiples of
+    the step is exact with respect to the VRAM model. Across GPUs it is not: the placement itself
+    depends on the context (``set_device_map`` reserves context-sized buffers, autosplit places
+    around the cache), so a longer context can fit where a shorter one does not. There the binary
+    search gives a lower bound and every longer context is then tried, from the longest down
+    (at most ``default_ctx / step`` evaluations of a few tens of microseconds each).
     """
     rules = rules_for(variant.format)
     step = rules.context_step()
@@ -223,6 +227,12 @@ def max_context(
         return v if v.fits else None
 
     best = _largest(hi, fitting)
+    if split.mode != "single":
+        for n in range(hi, best[0] if best else 0, -1):
+            got = fitting(n)
+            if got is not None:
+                best = (n, got)
+                break
     return FitResult(
         variant=variant,
         cache=cache,
