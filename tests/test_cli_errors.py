@@ -183,3 +183,13 @@ def test_ctrl_c_while_the_cli_is_importing_is_one_line(tmp_path, debug):
         assert r.returncode != 0 and "Traceback" in r.stderr and "KeyboardInterrupt" in r.stderr
         return
     assert (r.returncode, r.stderr.strip(), r.stdout) == (130, "exl2opt: interrupted", "")
+
+
+@pytest.mark.parametrize(("spec", "needle"), [
+    ("https://huggingface.co/org/Tiny-exl2", "--model org/Tiny-exl2"),
+    ("https://huggingface.co/org/Tiny-exl2/tree/4.0bpw", "--model org/Tiny-exl2@4.0bpw"),
+    ("hf.co/org/Tiny-exl2", "not a Hub repo id"),
+])
+def test_a_pasted_model_page_address_names_the_repo_id(tmp_path, spec, needle):
+    r = _run(["plan", "-m", spec, "--vram", "15GB"], _env(tmp_path))
+    _assert_one_line(r, EXIT_USAGE, needle)

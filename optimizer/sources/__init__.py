@@ -16,6 +16,8 @@ from optimizer.errors import ModelSourceError
 from optimizer.variant import Variant
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+#: A model page's address as a browser shows it: https://huggingface.co/org/name[/tree/revision]
+_HUB_URL_RE = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/([^/@\s]+/[^/@\s]+)(?:/tree/([^/\s]+))?/?$")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,10 @@ def resolve_sources(*, specs: list[str], hub: HubOptions | None = None) -> list[
             continue
         rs = parse_repo_spec(spec)
         if rs is None:
+            url = _HUB_URL_RE.match(spec)
+            if url and _REPO_RE.match(url.group(1)):
+                repo_id = url.group(1) + (f"@{url.group(2)}" if url.group(2) else "")
+                raise ModelSourceError(f"{spec!r} is a web address: give the repo id instead, --model {repo_id}")
             raise ModelSourceError(
                 f"{spec!r}: no such directory, and not a Hub repo id (expected org/name or org/name@revision)"
             )
