@@ -149,3 +149,15 @@ def test_search_predict_only_writes_the_predicted_front_without_a_backend(tmp_pa
                 float(f["ppl_vs_fp16"]), float(f["gen_tok_s"]), int(f["max_seq_len"]))
             assert not (better and strictly)
     assert "predicted front" in out
+
+
+def test_search_predict_only_without_matplotlib_says_how_to_get_the_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ModuleNotFoundError, as in the base install
+    code, out, err = run(["search", "-m", str(EXAMPLE), "--vram", "24GB", "--predict-only", "--studies-dir", str(tmp_path),
+                          "--study", "p"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["pareto.csv", "trials.csv"]
+    assert "pareto_predicted.png not drawn: matplotlib is not installed (pip install 'exl2opt[plots]')" in out.splitlines()

@@ -166,3 +166,6 @@ def write_predicted_front(*, spec: object, out_dir: object, gpus: Sequence[str])
                         f"({(r['ppl_vs_fp16_low'] - 1) * 100:+.1f}..{(r['ppl_vs_fp16_high'] - 1) * 100:+.1f}) vs FP16{speed}"),
                   soft_wrap=True)
     con.print(plain("Reports: " + ", ".join(str(f) for f in files)), soft_wrap=True)
+    if not any(f.suffix == ".png" for f in files):  # plot() draws nothing without the `plots` extra
+        con.print(plain("pareto_predicted.png not drawn: matplotlib is not installed (pip install 'exl2opt[plots]')"),
+                  soft_wrap=True)
