@@ -109,7 +109,7 @@ class SearchArgs:
 
     sampler: str = _opt(typer.Option(
         "auto", "--sampler", help="auto | tpe | bruteforce | gp. auto enumerates the feasible set in load order "
-        "when it fits --n-trials, else TPE."))
+        "when it fits --n-trials, else TPE. A forced sampler measures every feasible configuration (as --exhaustive)."))
     seed: int = _opt(typer.Option(0, "--seed", callback=c.in_range("--seed", 0, 2**32 - 1), help="Sampler seed."))
     no_report: bool = _opt(typer.Option(False, "--no-report", help="Do not write reports at the end."))
     exhaustive: bool = _opt(typer.Option(
