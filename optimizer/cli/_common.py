@@ -64,7 +64,8 @@ CacheOpt = typer.Option(None, "--cache", help="Cache modes, comma-separated (exl
                         "k<bits>v<bits> such as k4v6; GGUF: f16,q8_0,...). Default: each format's modes.")
 FormatOpt = typer.Option(None, "--format", help="Only variants of these formats, comma-separated (exl2, exl3, gguf). "
                          "Default: every format found.")
-OverheadOpt = typer.Option(None, "--overhead", help="CUDA context + allocator overhead per GPU (default 400MiB for exl2).")
+OverheadOpt = typer.Option(None, "--overhead",
+                           help="CUDA context + allocator overhead per GPU (default 400MiB for exl2 and EXL3, 512MiB for GGUF).")
 ChunkOpt = typer.Option(2048, "--chunk", help="Prompt chunk length in tokens (ExLlamaV2 max_input_len).",
                         callback=in_range("--chunk", 1, 1 << 20))
 BatchOpt = typer.Option(1, "--batch", help="Batch size (cache batch and config.max_batch_size).",
