@@ -161,3 +161,17 @@ def test_search_predict_only_without_matplotlib_says_how_to_get_the_plot(tmp_pat
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["pareto.csv", "trials.csv"]
     assert "pareto_predicted.png not drawn: matplotlib is not installed (pip install 'exl2opt[plots]')" in out.splitlines()
+
+
+def test_the_pick_says_so_when_the_variants_are_of_different_models(capsys: pytest.CaptureFixture[str]) -> None:
+    both = EXAMPLE.parent  # studies/examples: the Smaug-34B exl2 and the Llama-3.1-8B EXL3 example
+    _, out, _ = run(["fit", "-m", str(both), "--vram", "24GB", "--recipe", "script"], capsys)
+    pick = [ln for ln in out.splitlines() if ln.startswith("Pick:")]
+    assert len(pick) == 1 and "the variants are of different models" in pick[0]
+    _, out, _ = run(["fit", "-m", str(EXAMPLE), "--vram", "24GB", "--recipe", "script"], capsys)
+    assert "different models" not in out
+
+
+def test_variants_of_one_model_give_no_different_models_note(two_variants: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = run(["fit", "-m", str(two_variants), "--vram", "24GB"], capsys)
+    assert "Pick:" in out and "different models" not in out

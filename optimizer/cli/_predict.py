@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -100,6 +100,15 @@ def _get(v: Variant) -> str:
     return f"download with `{cmd}`" if cmd else f"use {shlex.quote(v.source)} (local)"
 
 
+def _model_shape(v: Variant) -> tuple[int, int] | None:
+    """(hidden size, decoder layers) from the variant's config (``text_config`` when nested), or None
+    when the format does not carry them (GGUF metadata uses other keys)."""
+    nested = v.config.get("text_config")
+    cfg = nested if isinstance(nested, Mapping) else v.config
+    hidden, layers = cfg.get("hidden_size"), cfg.get("num_hidden_layers")
+    return (hidden, layers) if isinstance(hidden, int) and isinstance(layers, int) else None
+
+
 def decision_line(cands: Sequence[Candidate], gpus: Sequence[str]) -> str:
     """One line: what to download, with which cache and context, its predicted quality and speed."""
     chosen = choose(cands)
@@ -109,6 +118,9 @@ def decision_line(cands: Sequence[Candidate], gpus: Sequence[str]) -> str:
     worse = (pick.pred.ppl.value / best.pred.ppl.value - 1) * 100
     line = (f"Pick: {_get(pick.variant)}, with cache {pick.cache} and context {pick.context}: "
             f"about {worse:+.1f}% perplexity vs the best that fits ({pick.pred.ppl.value * 100 - 100:+.1f}% vs FP16)")
+    if len({shape for c in cands if (shape := _model_shape(c.variant)) is not None}) > 1:
+        line += (" (the variants are of different models: perplexity is predicted against each model's own FP16, so "
+                 "the pick does not compare the models themselves)")
     if pick.pred.decode_tok_s is not None:
         where = " + ".join(gpus) if len(set(gpus)) > 1 else (gpus[0] if len(gpus) == 1 else f"{len(gpus)}x {gpus[0]}")
         line += f", about {pick.pred.decode_tok_s.value:.0f} tok/s on {where} at {pick.pred.fill} tokens of context"
