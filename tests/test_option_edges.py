@@ -179,3 +179,24 @@ def test_search_with_a_bad_storage_url_is_one_line(tmp_path, capsys):
         main(["search", "-m", str(EXAMPLE), "--vram", "24GB", "--studies-dir", str(tmp_path), "--storage", "bogus://x"])
     err = capsys.readouterr().err
     assert se.value.code == 1 and err.startswith("exl2opt: error:") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("kind", ["empty", "directory"])
+def test_search_with_unusable_eval_data_creates_no_study(kind, tmp_path, capsys):
+    """An empty --eval-data file used to be found only after the study was created with it, so the
+    corrected command was then refused as 'created with other settings'."""
+    from optimizer.cli import main
+
+    bad = tmp_path / "eval"
+    if kind == "empty":
+        bad = tmp_path / "empty.txt"
+        bad.write_text("  \n")
+    else:
+        bad.mkdir()
+    studies = tmp_path / "studies"
+    with pytest.raises(SystemExit) as se:
+        main(["search", "-m", str(EXAMPLE), "--vram", "24GB", "--studies-dir", str(studies), "--eval-data", str(bad)])
+    err = capsys.readouterr().err
+    assert se.value.code != 0 and err.count("\n") == 1, err
+    assert ("holds no text" if kind == "empty" else "not a file") in err
+    assert not studies.exists() or not any(studies.iterdir())

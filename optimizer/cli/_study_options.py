@@ -215,7 +215,11 @@ def spec_from_args(args: StudyArgs) -> SearchSpec:
     if args.eval_window < 64 or args.eval_windows < 1:
         raise BadOptionError("--eval-window must be >= 64 tokens and --eval-windows >= 1")
     if args.eval_data is not None and not args.eval_data.is_file():
-        raise BadOptionError(f"--eval-data {args.eval_data}: no such file")
+        raise BadOptionError(f"--eval-data {args.eval_data}: " + ("not a file" if args.eval_data.exists() else "no such file"))
+    if args.eval_data is not None:  # read now: an empty or unreadable file must not become part of a new study
+        from optimizer.evaldata import load_eval_text
+
+        load_eval_text(path=args.eval_data)
     budget = c.budget_from(vram=args.vram, overhead=args.overhead, margin=args.margin)
     split = c.split_from(gpus=args.gpus, gpu_split=args.gpu_split, budget=budget, reserve=args.reserve)
     contexts = c.parse_contexts(args.ctx)
