@@ -7,7 +7,7 @@ planner and the study all ask it. Everything here is pure and cheap (no engine, 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from optimizer.errors import BadOptionError
@@ -31,6 +31,7 @@ class Budget:
     per_device: tuple[int, ...]
     overhead: tuple[int, ...] | None = None
     margin: tuple[int, ...] | None = None
+    overhead_note: str = field(default="", compare=False)  #: which overhead figure this is (printed)
 
 
 #: The highest per-GPU memory beyond what the VRAM model counts in published nvidia-smi-level

@@ -30,6 +30,7 @@ from optimizer.backends.base import (
     SpeedResult,
 )
 from optimizer.errors import EngineError, EngineOOMError, EngineTransientError
+from optimizer.formats import RuntimeOptions
 from optimizer.space import Budget, Configuration, evaluate
 from optimizer.variant import Variant
 
@@ -108,7 +109,8 @@ class FakeEngine:
         assert self.spec is not None
         s = self.spec
         cfg = Configuration(variant=s.variant, max_seq_len=s.max_seq_len, cache=s.cache, split=s.split)
-        v = evaluate(config=cfg, budget=Budget(per_device=(1 << 50,)))
+        rt = RuntimeOptions(batch_size=s.batch_size, chunk_len=s.chunk_len, flash_attn=s.flash_attn)
+        v = evaluate(config=cfg, budget=Budget(per_device=(1 << 50,)), runtime=rt)
         extra = self.extra_bytes + int(os.environ.get("FAKE_ENGINE_EXTRA_BYTES", "0"))
         return tuple(DeviceMemory(index=d.index, peak_allocated=d.total - d.overhead + extra, used=d.total + extra)
                      for d in v.devices if d.n_modules)

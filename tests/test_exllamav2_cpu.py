@@ -60,7 +60,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _search(tiny: dict[str, Any], study: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    r = _run("cli", "search", "--model", str(tiny["model"]), "--vram", "1GiB", "--margin", "0", "--ctx", str(CTX), "--min-ctx", str(CTX),
+    r = _run("cli", "search", "--model", str(tiny["model"]), "--vram", "4GiB", "--margin", "0", "--ctx", str(CTX), "--min-ctx", str(CTX),
              "--eval-data", str(tiny["text"]), "--eval-window", str(WINDOW), "--eval-windows", str(N_WINDOWS),
              "--speed-fill", "64", "--studies-dir", str(tiny["studies"]), "--study", study, "--no-report", "--exhaustive", *extra)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -93,7 +93,9 @@ runner = CliRunner()
 def test_fit_and_plan_state_the_margin_and_show_headroom_after_it() -> None:
     res = runner.invoke(app, ["fit", "-m", str(EXAMPLE), "--vram", "15GiB", "--cache", "q4"])
     assert res.exit_code == 0, res.output
-    assert "Safety margin kept free on every GPU: 1.11 GiB (default: exl2 assumes 400 MiB" in res.output
+    margin = max(256 * MIB, 1536 * MIB - DEFAULT_OVERHEAD_BYTES)
+    assert (f"Safety margin kept free on every GPU: {margin / GIB:.2f} GiB (default: exl2 assumes "
+            f"{DEFAULT_OVERHEAD_BYTES // MIB} MiB") in res.output
     rec = json.loads(runner.invoke(app, ["fit", "-m", str(EXAMPLE), "--vram", "15GiB", "--cache", "q4",
                                          "--json"]).output)[0]
     off = json.loads(runner.invoke(app, ["fit", "-m", str(EXAMPLE), "--vram", "15GiB", "--cache", "q4", "--margin", "0",

@@ -15,6 +15,7 @@ from fake_engine import FakeBackend, fake_ppl, fake_speed
 
 from optimizer.backends.base import EvalProtocol, SpeedProtocol
 from optimizer.evaldata import EvalText
+from optimizer.formats import RuntimeOptions
 from optimizer.report import PARETO_COLUMNS, TRIAL_COLUMNS, recommendation, scrub, write_reports
 from optimizer.sources.local import discover_local
 from optimizer.space import Budget
@@ -49,6 +50,7 @@ def make_fake_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Pa
         contexts=(2048, 8192, 16384), caches=("fp16", "q4"),
         eval_protocol=EvalProtocol(window=64, n_windows=1, prefill=32, score_chunk=16),
         speed_protocol=SpeedProtocol(context_fill=1024, gen_tokens=16),
+        runtime=RuntimeOptions(flash_attn=True),  # no chunk^2 attention scores in the 0.7 GiB budget
     )
     run(spec=spec, study_name="r", backend_factory=lambda v: FakeBackend(), root=tmp_path / "studies",
         eval_text=lambda: EvalText(dataset_id="fake", text="abc " * 100), sampler="bruteforce")

@@ -49,12 +49,15 @@ def test_breakdown_parts_add_up_and_weights_exclude_embedding(variants):
 def test_max_context_is_the_boundary(variants):
     v = variants[0]
     budget = Budget(per_device=(515 * MIB,), overhead=(500 * MIB,), margin=(0,))
-    res = max_context(variant=v, cache="fp16", split=Split(), budget=budget)
+    rt = RuntimeOptions(flash_attn=True)  # no chunk^2 attention scores: the cache decides the boundary
+    res = max_context(variant=v, cache="fp16", split=Split(), budget=budget, runtime=rt)
     assert res.max_seq_len is not None and res.max_seq_len % 256 == 0 and res.max_seq_len < res.default_ctx
-    ok = evaluate(config=Configuration(variant=v, max_seq_len=res.max_seq_len, cache="fp16", split=Split()), budget=budget)
-    over = evaluate(config=Configuration(variant=v, max_seq_len=res.max_seq_len + 256, cache="fp16", split=Split()), budget=budget)
+    ok = evaluate(config=Configuration(variant=v, max_seq_len=res.max_seq_len, cache="fp16", split=Split()),
+                  budget=budget, runtime=rt)
+    over = evaluate(config=Configuration(variant=v, max_seq_len=res.max_seq_len + 256, cache="fp16", split=Split()),
+                    budget=budget, runtime=rt)
     assert ok.fits and not over.fits
-    q4 = max_context(variant=v, cache="q4", split=Split(), budget=budget)
+    q4 = max_context(variant=v, cache="q4", split=Split(), budget=budget, runtime=rt)
     assert q4.max_seq_len is not None and q4.max_seq_len > res.max_seq_len
 
 

@@ -16,6 +16,7 @@ from fake_engine import FakeBackend, fake_ppl, fake_speed
 
 from optimizer.backends.base import EvalProtocol, SpeedProtocol
 from optimizer.evaldata import EvalText
+from optimizer.formats import RuntimeOptions
 from optimizer.sources.local import discover_local
 from optimizer.space import Budget
 from optimizer.study import SearchSpec, build_space, choose_mode, open_study, run
@@ -45,7 +46,9 @@ def _spec(variants_dir: Path, vram: str = "0.7GiB", **kw) -> SearchSpec:
         variants=tuple(discover_local(variants_dir)), budget=Budget(per_device=(parse_size(vram),), overhead=(0,)),
         split=Split(), contexts=kw.pop("contexts", (2048, 8192, 16384)), caches=kw.pop("caches", ("fp16", "q4", "q8")),
         eval_protocol=EvalProtocol(window=64, n_windows=2, prefill=32, score_chunk=16),
-        speed_protocol=SpeedProtocol(context_fill=1024, gen_tokens=16), **kw,
+        speed_protocol=SpeedProtocol(context_fill=1024, gen_tokens=16),
+        # flash-attn: no chunk^2 attention scores, so the small budget leaves the intended mix of fits
+        runtime=kw.pop("runtime", RuntimeOptions(flash_attn=True)), **kw,
     )
 
 
@@ -155,7 +158,7 @@ def test_settings_change_is_refused(variants_dir: Path, tmp_path: Path) -> None:
 
 def _search_cmd(models: Path, studies: Path) -> list[str]:
     return [sys.executable, "-m", "optimizer", "search", "--model", str(models), "--vram", "0.7GiB",
-            "--overhead", "1MiB", "--ctx", "2048,8192,16384", "--cache", "fp16,q4,q8", "--study", "k",
+            "--overhead", "1MiB", "--flash-attn", "--ctx", "2048,8192,16384", "--cache", "fp16,q4,q8", "--study", "k",
             "--root", str(studies), "--eval-data", str(studies.parent / "eval.txt"), "--sampler", "bruteforce",
             "--backend-factory", "fake_engine:fake_backend_factory", "--no-report"]
 

@@ -58,7 +58,7 @@ def _root(
 def _register() -> None:
     from optimizer.cli import plan as _plan  # noqa: F401  (commands register themselves)
 
-    for name in ("search", "report", "worker"):
+    for name in ("search", "report", "worker", "calibrate"):
         try:
             __import__(f"optimizer.cli.{name}")
         except ModuleNotFoundError as e:

@@ -64,8 +64,8 @@ CacheOpt = typer.Option(None, "--cache", help="Cache modes, comma-separated (exl
                         "k<bits>v<bits> such as k4v6; GGUF: f16,q8_0,...). Default: each format's modes.")
 FormatOpt = typer.Option(None, "--format", help="Only variants of these formats, comma-separated (exl2, exl3, gguf). "
                          "Default: every format found.")
-OverheadOpt = typer.Option(None, "--overhead",
-                           help="CUDA context + allocator overhead per GPU (default 400MiB for exl2 and EXL3, 512MiB for GGUF).")
+OverheadOpt = typer.Option(None, "--overhead", help="CUDA context + runtime overhead per GPU (default: the figure "
+                           "`exl2opt calibrate` stored for this GPU, else 1GiB for exl2, 400MiB for EXL3, 512MiB for GGUF).")
 ChunkOpt = typer.Option(2048, "--chunk", help="Prompt chunk length in tokens (ExLlamaV2 max_input_len).",
                         callback=in_range("--chunk", 1, 1 << 20))
 BatchOpt = typer.Option(1, "--batch", help="Batch size (cache batch and config.max_batch_size).",
@@ -108,7 +108,10 @@ def budget_from(*, vram: str, overhead: Optional[str], margin: Optional[str] = N
     for what, vals in (("--overhead", ov), ("--margin", mg)):
         if vals is not None and len(vals) not in (1, len(per)):
             raise BadOptionError(f"{what} lists {len(vals)} GPUs but --vram lists {len(per)}")
-    return Budget(per_device=per, overhead=ov, margin=mg)
+    from optimizer.calibration import choose_overhead  # stored per-GPU calibration, else the format default
+
+    choice = choose_overhead(explicit=ov)
+    return Budget(per_device=per, overhead=choice.per_device, margin=mg, overhead_note=choice.note)
 
 
 def split_from(*, gpus: Optional[int], gpu_split: Optional[str], budget: Budget, reserve: Optional[str] = None) -> Split:

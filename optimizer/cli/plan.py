@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from optimizer.calibration import overhead_line
 from optimizer.cli import _common as c
 from optimizer.cli import _predict as pr
 from optimizer.cli import app
@@ -100,6 +101,8 @@ def plan(
         print(to_json([{**rec, "devices": breakdown_json(r.verdict)} for r, rec in shown]))
         return
     print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
+    if budget.overhead_note:
+        print(overhead_line(overhead=budget.overhead, note=budget.overhead_note, formats=[v.format for v in variants]))
     print(margin_note(formats=[v.format for v in variants], budget=budget))
     several = len({v.format for v in variants}) > 1  # one table for every format: say which row is which
     cols = (["format"] if several else []) + list(_PLAN_COLS.values()) + pr.columns(gpu_names)
@@ -220,6 +223,8 @@ def fit(
         print(to_json(records))
         return
     print(f"Budget: {_budget_line(budget.per_device, split.n_devices)}; split {split.label}")
+    if budget.overhead_note:
+        print(overhead_line(overhead=budget.overhead, note=budget.overhead_note, formats=[v.format for v in variants]))
     print(margin_note(formats=[v.format for v in variants], budget=budget))
     several = len({v.format for v in variants}) > 1  # one table for every format: say which row is which
     for v in variants:

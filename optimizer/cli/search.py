@@ -47,6 +47,13 @@ def search(args: StudyArgs, own: SearchArgs) -> None:
         pr.write_predicted_front(spec=spec, out_dir=study_dir(study=name, root=args.root), gpus=gpu_names)
         return
     factory = backend_factory_for(args, spec)
+    # which overhead a stored calibration or the default gave (an explicit --overhead is not echoed);
+    # on stdout, so that a refused run stays one line on stderr
+    if spec.budget.overhead_note and not spec.budget.overhead_note.endswith("(--overhead)"):
+        from optimizer.calibration import overhead_line
+
+        print(safe(overhead_line(overhead=spec.budget.overhead, note=spec.budget.overhead_note,
+                                 formats=[v.format for v in spec.variants])))
     extra = carried(args) + (["--sampler", own.sampler] if own.sampler != "auto" else []) + \
         (["--seed", str(own.seed)] if own.seed != 0 else []) + (["--exhaustive"] if own.exhaustive else []) + \
         (["--gpu", own.gpu] if own.gpu else [])

@@ -24,7 +24,8 @@ Every rule below is read from the exllamav2 0.3.2 sources and checked by the ora
 * RoPE: FP16 sin and cos tables of ``config.max_seq_len x rot_dim`` per device and per RoPE base.
 * Transient (not checked by the oracle, a documented approximation): the residual stream and the
   query/output activations of one ``max_input_len`` chunk, the chunk's logits on the head device,
-  and, without flash-attention, SDPA's ``repeat_kv`` copies of K and V over the whole context.
+  and, without flash-attention, ``repeat_kv`` copies of K and V over the whole context plus the
+  matmul attention's fp16 scores (:func:`matmul_attention_bytes`).
 * Overhead: the CUDA context and allocator slack, a constant per GPU (``DEFAULT_OVERHEAD_BYTES``,
   overridable) that ExLlamaV2 itself does not model.
 * Fragmentation (``optimizer.allocator``): none beyond the overhead with
@@ -85,9 +86,11 @@ Q_CACHE_BLOCKSIZE = 512
 DEFAULT_MAX_INPUT_LEN = 2048
 DEFAULT_MAX_DQ_SIZE = 512 * 1024**2  # elements
 
-#: CUDA context + cuBLAS workspace + allocator slack per GPU, bytes. Not modelled by ExLlamaV2;
-#: a few hundred MiB on current drivers. Override per GPU with ``--overhead``.
-DEFAULT_OVERHEAD_BYTES = 400 * MIB
+#: Device memory per GPU beyond torch's allocations (CUDA context, cuBLAS, kernel images of torch,
+#: exllamav2_ext and flash-attn), bytes, for GPUs ``exl2opt calibrate`` has not measured. Published
+#: readings: 300-723 MiB for a lazily-loaded CUDA context alone, 0.9-1.5 GiB per GPU at nvidia-smi
+#: level beside ExLlamaV2's allocations (sources in docs/calibration.md). Not modelled by ExLlamaV2.
+DEFAULT_OVERHEAD_BYTES = 1024 * MIB
 
 
 def cache_mode(name: str) -> CacheMode:
@@ -246,6 +249,19 @@ def rope_bytes(arch: ModelArch, s: Exl2Settings) -> int:
     return arch.spec.rope_bases * 2 * s.max_seq_len * arch.rot_dim * 2
 
 
+def matmul_attention_bytes(arch: ModelArch, s: Exl2Settings) -> int:
+    """Attention weights of exllamav2's matmul attention path, bytes: what the backend runs without
+    flash-attn (``config.no_sdpa``, because 0.3.2's SDPA branch is not causal for prompts).
+
+    Per chunk it holds fp16 scores ``(B, nH, q, past + q)`` twice (scores + mask, then softmax) and
+    the fp16 mask ``(B, 1, q, past + q)``; ``model.forward`` shrinks chunks so that
+    ``q * (past + q) <= max_attention_size``, which the backend sets to ``chunk_len ** 2``
+    (attn.py ``_attn_torch``, model.py ``forward``).
+    """
+    area = min(s.chunk_len**2, s.chunk_len * s.max_seq_len)
+    return 2 * s.batch_size * arch.num_attention_heads * area * 2 + s.batch_size * area * 2
+
+
 def _transients(arch: ModelArch, s: Exl2Settings) -> tuple[int, int, int]:
     """Peak short-lived bytes while (attention, MLP, head) forward one chunk at full context."""
     rows = s.chunk_len * s.batch_size
@@ -255,6 +271,8 @@ def _transients(arch: ModelArch, s: Exl2Settings) -> tuple[int, int, int]:
     if not s.flash_attn and arch.num_key_value_heads != arch.num_attention_heads:
         # SDPA path: repeat_kv expands K and V to all query heads over past + chunk.
         attn += 2 * s.batch_size * arch.num_attention_heads * s.max_seq_len * arch.head_dim * 2
+    if not s.flash_attn:
+        attn += matmul_attention_bytes(arch, s)
     mlp = 2 * res
     head = res + rows * _pad32(arch.vocab_size) * 2
     return attn, mlp, head
