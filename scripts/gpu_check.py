@@ -84,7 +84,7 @@ def search(variants: Path, text: Path, work: Path, *, dry: bool) -> list[dict[st
     sh([*cli, "search", "--model", str(variants), "--vram", "20GiB", "--ctx", str(st["ctx"]),
         "--min-ctx", str(st["ctx"]), "--cache", CACHES, "--eval-data", str(text), "--eval-window", str(st["window"]),
         "--eval-windows", "4", "--speed-fill", str(st["fill"]), "--studies-dir", str(studies), "--study", "gpucheck",
-        "--no-report"], timeout=600)
+        "--no-report", "--exhaustive"], timeout=600)
     import optuna
 
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
