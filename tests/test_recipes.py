@@ -74,8 +74,9 @@ def test_exl2_script_line_parses_to_intended_argv(cache: str, split_name: str) -
         assert not r.supported and "reserve" in r.notes[0]
         return
     words = shlex.split(r.text)
-    assert words[0] == ENV_WORD and words[1:3] == ["python", "examples/chat.py"]
-    args = words[3:]
+    i = words.index("python")
+    assert words[0] == ENV_WORD and words[i + 1] == "examples/chat.py"
+    args = words[i + 2:]
     assert args[args.index("-m") + 1] == "/models/My Model" and args[args.index("-l") + 1] == "6144"
     flag = {"fp16": None, "fp8": "-c8", "q8": "-cq8", "q6": "-cq6", "q4": "-cq4"}[cache]
     assert (flag in args) if flag else not any(a.startswith(("-c8", "-cq")) for a in args)
@@ -118,8 +119,9 @@ def test_exl2_webui_line(cache: str, split_name: str) -> None:
         assert not r.supported
         return
     words = shlex.split(r.text)
-    assert words[:3] == [ENV_WORD, "python", "server.py"]
-    pairs = dict(zip(words[3::2], words[4::2], strict=False))
+    i = words.index("python")
+    assert words[0] == ENV_WORD and words[i + 1] == "server.py"
+    pairs = dict(zip(words[i + 2::2], words[i + 3::2], strict=False))
     assert pairs["--model-dir"] == "/models" and pairs["--model"] == "Smaug-exl2"
     assert pairs["--loader"] == "ExLlamav2_HF" and pairs["--max_seq_len"] == "6144" and pairs["--cache_type"] == cache
     assert ("--autosplit" in words) == (split_name == "auto")
@@ -145,7 +147,7 @@ def test_exl2_batch_and_chunk_are_carried_or_refused() -> None:
     m = yaml.safe_load(recipe(s, tool="tabby").text)["model"]
     assert m["max_batch_size"] == 2 and m["cache_size"] == 2 * 6144 and m["chunk_size"] == 512
     assert not recipe(spec(batch_size=2), tool="tabby").supported  # batch needs flash attention (paged) in TabbyAPI
-    assert shlex.split(recipe(spec(chunk_len=512), tool="script").text)[-2:] == ["-chunk", "512"]
+    assert shlex.split(recipe(spec(chunk_len=512), tool="script").text)[-3:] == ["-chunk", "512", "-nsdpa"]
     assert not recipe(spec(chunk_len=512), tool="webui").supported
     assert "config.max_batch_size = 2" in recipe(s, tool="python").text
 
@@ -290,7 +292,7 @@ def test_fit_on_the_example_prints_a_tabby_block_and_a_script_line(capsys: pytes
     script = next(ln.strip() for ln in lines[start + len(block):] if "examples/chat.py -m" in ln)
     words = shlex.split(script)
     assert words[0] == ENV_WORD and words[words.index("-m") + 1] == str(EXAMPLE)
-    assert words[words.index("-l") + 1] == str(ctx) and words[words.index("-l") + 2:] == flag
+    assert words[words.index("-l") + 1] == str(ctx) and words[words.index("-l") + 2:] == [*flag, "-nsdpa"]
     others = [ln for ln in lines if f"examples/chat.py -m {EXAMPLE}" in ln]
     assert len(others) == len(recs)  # one line for every answer
     assert "expandable_segments:True" in out and "fragmentation" in out
@@ -328,3 +330,22 @@ def test_fit_on_a_gguf_prints_a_llama_server_line(tmp_path: Path, capsys: pytest
     k, v = words[words.index("-ctk") + 1], words[words.index("-ctv") + 1]
     assert (int(words[words.index("-c") + 1]), k if k == v else f"{k}/{v}") in by
     assert words[words.index("-m") + 1] == str(path) and ENV not in out.split("How to run:")[1]
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_exl2_recipes_select_the_causal_path_without_flash_attn(flash: bool) -> None:
+    """Without flash-attn exllamav2 0.3.2's SDPA branch is not causal for prompts: every exl2 recipe then
+    selects the matmul path (which exl2opt measures and sizes); with flash-attn none of them does."""
+    from dataclasses import replace
+
+    base = replace(spec(cache="q4", split=SPLITS["single"], path="/models/Smaug-exl2"), flash_attn=flash)
+    script = shlex.split(recipe(base, tool="script").text)
+    webui = shlex.split(recipe(base, tool="webui").text)
+    tabby = recipe(base, tool="tabby").text
+    python = recipe(base, tool="python").text
+    assert ("-nsdpa" in script) is (not flash)
+    assert ("EXLLAMA_NO_SDPA=1" in webui[:webui.index("python")]) is (not flash)
+    assert ("EXLLAMA_NO_SDPA=1" in tabby.splitlines()[-1]) is (not flash)
+    assert ("config.no_sdpa = True" in python) is (not flash)
+    chunked = recipe(replace(base, chunk_len=512), tool="python").text
+    assert "config.max_attention_size = 512 ** 2" in chunked  # as chat.py's -chunk sets it

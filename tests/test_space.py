@@ -90,7 +90,24 @@ def test_autosplit_refuses_when_all_gpus_full(variants):
 def test_manual_split_respects_allocation(variants):
     v = variants[1]
     cfg = Configuration(variant=v, max_seq_len=2048, cache="q4", split=Split(mode="manual", gpu_split=(0.0012, 10.0)))
-    res = evaluate(config=cfg, budget=Budget(per_device=(8 * 1024 * MIB,)), runtime=RuntimeOptions(chunk_len=16))
+    res = evaluate(config=cfg, budget=Budget(per_device=(8 * 1024 * MIB,)), runtime=RuntimeOptions(chunk_len=16, flash_attn=True))
     assert res.placed
     assert res.devices[0].n_modules < res.devices[0].n_modules + res.devices[1].n_modules
     assert res.devices[1].n_modules > 0
+
+
+@pytest.mark.parametrize("split", [Split(), Split(mode="manual", gpu_split=(4.0, 4.0)), Split(mode="auto", n_devices=2)])
+def test_context_past_chunk_squared_without_flash_attn_is_unplaced(variants, split):
+    """exllamav2 0.3.2 cannot advance a prompt past chunk**2 tokens without flash-attn (the chunk rounds to 0)."""
+    v = variants[0]
+    budget = Budget(per_device=(8 * 1024 * MIB,))
+    ok = evaluate(config=Configuration(variant=v, max_seq_len=256, cache="fp16", split=split), budget=budget,
+                  runtime=RuntimeOptions(chunk_len=16))  # 16**2 == 256: the last chunk still advances
+    stalls = evaluate(config=Configuration(variant=v, max_seq_len=512, cache="fp16", split=split), budget=budget,
+                      runtime=RuntimeOptions(chunk_len=16))
+    flash = evaluate(config=Configuration(variant=v, max_seq_len=512, cache="fp16", split=split), budget=budget,
+                     runtime=RuntimeOptions(chunk_len=16, flash_attn=True))
+    assert ok.placed and flash.placed
+    assert not stalls.placed and not stalls.fits and "chunk squared" in stalls.reason
+    got = max_context(variant=v, cache="fp16", split=split, budget=budget, runtime=RuntimeOptions(chunk_len=16))
+    assert got.max_seq_len is not None and got.max_seq_len <= 256

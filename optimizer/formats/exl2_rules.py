@@ -61,6 +61,25 @@ def _plan(variant: Variant, max_seq_len: int, cache: str, runtime: RuntimeOption
     return table_plan(arch=arch_of(variant), table=_table(variant), settings=settings)
 
 
+def config_problem(variant: Variant, *, max_seq_len: int, cache: str, runtime: RuntimeOptions) -> str | None:
+    """Why exllamav2 0.3.2 could not run this configuration at all, or None.
+
+    Without flash-attn (and xformers) ``ExLlamaV2.forward`` shrinks each prompt chunk so that
+    ``q * (past + q) <= max_attention_size`` (model.py ~L888-895). The backend and the recipes set
+    ``max_attention_size = chunk ** 2`` (as the example scripts' ``-chunk`` does), so once the past
+    reaches ``chunk ** 2`` tokens the chunk rounds down to 0 and the forward never advances: the
+    context must stay at or below ``chunk ** 2`` tokens.
+    """
+    del variant, cache
+    if runtime.flash_attn:
+        return None
+    chunk = min(runtime.chunk_len, max_seq_len)
+    if chunk * chunk < max_seq_len:
+        return (f"without flash-attn exllamav2 0.3.2 stalls on prompts past {chunk * chunk} tokens with a {chunk}-token "
+                f"chunk (the context must stay within chunk squared); use a larger --chunk or --flash-attn")
+    return None
+
+
 def variant_plan(variant: Variant, *, max_seq_len: int, cache: str, runtime: RuntimeOptions) -> MemoryPlan:
     """The variant loaded with this context, cache and runtime, as bytes per module (memoized)."""
     return _plan(variant, max_seq_len, cache, runtime)

@@ -50,6 +50,16 @@ _TABBY_CACHE = {"fp16": "FP16", "q8": "Q8", "q6": "Q6", "q4": "Q4"}
 _SCRIPT_CACHE = {"fp16": [], "fp8": ["-c8"], "q8": ["-cq8"], "q6": ["-cq6"], "q4": ["-cq4"]}
 _ENV_WORD = f"{ENV}={EXPANDABLE}"
 _ALLOC_NOTE = f"{_ENV_WORD}: the allocator setting exl2opt measures with and its VRAM model assumes (docs/recipes.md)"
+# exllamav2 0.3.2's SDPA branch is not causal for prompts (docs/causality.md): without flash-attn the
+# recipes select the matmul path, which is what exl2opt measures and its VRAM model sizes.
+_NO_SDPA_WORD = "EXLLAMA_NO_SDPA=1"
+_NO_SDPA_NOTE = (f"{_NO_SDPA_WORD}: without flash-attn, exllamav2 0.3.2's SDPA path attends to future prompt tokens; "
+                 "this selects the causal matmul path exl2opt measures (docs/causality.md)")
+
+
+def _env_words(spec: RunSpec) -> list[str]:
+    """Environment assignments a shell recipe starts with."""
+    return [_ENV_WORD] if spec.flash_attn else [_ENV_WORD, _NO_SDPA_WORD]
 
 
 _RELATIVE = ("the model's path is relative to the folder it was downloaded into, but {tool} resolves {what} "
@@ -76,19 +86,24 @@ def load_call(split: Split) -> str:
     return f"model.load_autosplit(cache, reserve_vram=[{', '.join(str(b) for b in split.reserve_bytes)}])"
 
 
-def run_recipe(*, cache: str, max_seq_len: int, split: Split, batch_size: int = 1, chunk_len: int | None = None) -> str:
+def run_recipe(*, cache: str, max_seq_len: int, split: Split, batch_size: int = 1, chunk_len: int | None = None,
+               no_sdpa: bool = False) -> str:
     """How to run a configuration with ExLlamaV2 0.3.2, as one line of Python (after
     ``config = ExLlamaV2Config(model_dir)``; settings go on the config before the model is built).
 
     Autosplit needs a lazy cache created *before* ``load_autosplit``. A single-GPU or manual load
     must come *first*: a non-lazy cache places each layer on ``model.cache_map``, which is empty
     until ``model.load()`` ran (the K/V tensors would silently land in system RAM).
-    ``batch_size`` and ``chunk_len`` (``config.max_input_len``) are written only when not default.
+    ``batch_size`` and ``chunk_len`` (``config.max_input_len``, and ``max_attention_size`` as its square,
+    as exllamav2's ``-chunk`` flag sets both) are written only when not default. ``no_sdpa`` selects the
+    causal matmul attention path (needed without flash-attn; see docs/causality.md).
     """
     cls = CACHE_CLASS.get(cache, cache)
     sets = f"config.max_seq_len = {max_seq_len}; "
+    if no_sdpa:
+        sets += "config.no_sdpa = True; "
     if chunk_len is not None and chunk_len != 2048:
-        sets += f"config.max_input_len = {chunk_len}; "
+        sets += f"config.max_input_len = {chunk_len}; config.max_attention_size = {chunk_len} ** 2; "
     batch = ""
     if batch_size != 1:
         sets += f"config.max_batch_size = {batch_size}; "
@@ -107,7 +122,7 @@ def python(spec: RunSpec) -> Recipe:
         f"from exllamav2 import ExLlamaV2, ExLlamaV2Config, {cls}",
         f"config = ExLlamaV2Config({spec.model_path!r})",
         run_recipe(cache=spec.cache, max_seq_len=spec.max_seq_len, split=spec.split, batch_size=spec.batch_size,
-                   chunk_len=spec.chunk_len),
+                   chunk_len=spec.chunk_len, no_sdpa=not spec.flash_attn),
     ])
     return Recipe(tool="python", title=PYTHON, text=text, kind="python")
 
@@ -146,7 +161,9 @@ def tabby(spec: RunSpec) -> Recipe:
                   f"  autosplit_reserve: [{', '.join(num(b / MIB) for b in spec.split.reserve_bytes)}]"]
     else:
         notes.append("with more than one GPU visible TabbyAPI autosplits: start it with CUDA_VISIBLE_DEVICES=0")
-    lines += ["memory:", "  cuda_malloc_async: false", f"# start TabbyAPI with: {_ENV_WORD} ./start.sh"]
+    lines += ["memory:", "  cuda_malloc_async: false", f"# start TabbyAPI with: {' '.join(_env_words(spec))} ./start.sh"]
+    if not spec.flash_attn:
+        notes.append(_NO_SDPA_NOTE)
     notes.append("cuda_malloc_async: false keeps TabbyAPI from replacing the allocator setting exl2opt measures with "
                  "(docs/recipes.md)")
     return Recipe(tool="tabby", title=TABBY, text="\n".join(lines), kind="yaml", notes=tuple(notes))
@@ -172,7 +189,9 @@ def webui(spec: RunSpec) -> Recipe:
         return unsupported("webui", "webui's --autosplit cannot set the autosplit reserve")
     parent, name = _parent_and_name(spec.model_path)
     notes = (_ALLOC_NOTE,) if spec.model_path.startswith("/") else (_ALLOC_NOTE, _RELATIVE.format(what="--model-dir", tool="webui"))
-    argv = [_ENV_WORD, "python", "server.py", "--model-dir", parent, "--model", name, "--loader", "ExLlamav2_HF",
+    if not spec.flash_attn:
+        notes += (_NO_SDPA_NOTE,)
+    argv = [*_env_words(spec), "python", "server.py", "--model-dir", parent, "--model", name, "--loader", "ExLlamav2_HF",
             "--max_seq_len", str(spec.max_seq_len), "--cache_type", spec.cache, *split]
     return Recipe(tool="webui", title=WEBUI, text=sh_join(argv), kind="shell", notes=notes)
 
@@ -185,8 +204,9 @@ def script(spec: RunSpec) -> Recipe:
     if split is None:
         return unsupported("script", "examples/chat.py cannot set the autosplit reserve")
     chunk = ["-chunk", str(spec.chunk_len)] if spec.chunk_len != 2048 else []
+    no_sdpa = [] if spec.flash_attn else ["-nsdpa"]
     argv = [_ENV_WORD, "python", "examples/chat.py", "-m", spec.model_path, "-mode", "raw",
-            "-l", str(spec.max_seq_len), *_SCRIPT_CACHE[spec.cache], *split, *chunk]
+            "-l", str(spec.max_seq_len), *_SCRIPT_CACHE[spec.cache], *split, *chunk, *no_sdpa]
     return Recipe(tool="script", title=SCRIPT, text=sh_join(argv), kind="shell",
                   notes=("-mode picks the prompt format: raw works for any model; `python examples/chat.py -modes` "
                          "lists the others (llama3, chatml...)",))
