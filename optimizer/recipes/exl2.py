@@ -188,7 +188,8 @@ def webui(spec: RunSpec) -> Recipe:
     if split is None:
         return unsupported("webui", "webui's --autosplit cannot set the autosplit reserve")
     parent, name = _parent_and_name(spec.model_path)
-    notes = (_ALLOC_NOTE,) if spec.model_path.startswith("/") else (_ALLOC_NOTE, _RELATIVE.format(what="--model-dir", tool="webui"))
+    notes: tuple[str, ...] = (
+        (_ALLOC_NOTE,) if spec.model_path.startswith("/") else (_ALLOC_NOTE, _RELATIVE.format(what="--model-dir", tool="webui")))
     if not spec.flash_attn:
         notes += (_NO_SDPA_NOTE,)
     argv = [*_env_words(spec), "python", "server.py", "--model-dir", parent, "--model", name, "--loader", "ExLlamav2_HF",
