@@ -63,7 +63,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from optimizer.backends.base import (
-    DeviceMemory,
     EvalProtocol,
     LoadSpec,
     PrepareInfo,
@@ -72,7 +71,8 @@ from optimizer.backends.base import (
 )
 from optimizer.backends.causality import CausalityResult, check_causal
 from optimizer.backends.progress import window_done
-from optimizer.errors import BackendUnavailableError, EngineError, EngineOOMError
+from optimizer.backends.torch_engine import TorchDevices, check_torch_cuda, is_oom, one_line
+from optimizer.errors import EngineError, EngineOOMError
 from optimizer.sources.download import local_path
 
 #: cache mode -> exllamav2 class name
@@ -86,15 +86,8 @@ CACHE_CLASSES: dict[str, str] = {
 INSTALL_HINT = "pip install 'exl2opt[gpu]' with a CUDA build of torch"
 
 
-def _is_oom(e: BaseException) -> bool:
-    text = str(e)
-    return (type(e).__name__ == "OutOfMemoryError" or "out of memory" in text.lower()
-            or "Insufficient VRAM" in text or "Insufficient space in device allocation" in text)
 
 
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 #: reserve (bytes) handed to autosplit for visible GPUs beyond the planned ones: allocating it fails
@@ -103,7 +96,7 @@ def _one_line(e: BaseException) -> str:
 _NO_SPILL_RESERVE = 1 << 50
 
 
-class ExLlamaV2Engine:
+class ExLlamaV2Engine(TorchDevices):
     """One loaded exl2 model + cache at a time (see the module docstring)."""
 
     def __init__(self) -> None:
@@ -141,18 +134,6 @@ class ExLlamaV2Engine:
         # manual: layer placement depends on config.max_seq_len; autosplit: placed around the cache
         return spec.split.mode == "manual" and spec.max_seq_len == self.loaded_seq_len
 
-    def _devices(self, n: int) -> range:
-        return range(min(max(n, 1), self.torch.cuda.device_count()))
-
-    def _reset_peaks(self, n: int) -> None:
-        for d in self._devices(n):
-            self.torch.cuda.reset_peak_memory_stats(d)
-
-    def _sync(self) -> None:
-        """Wait for every used device (exllamav2 runs each device on its own stream)."""
-        for d in self._devices(self.spec.split.n_devices if self.spec else 1):
-            self.torch.cuda.synchronize(d)
-
     def _context(self) -> int:
         """Usable cache length in tokens: the requested one (Q caches round ``max_seq_len`` up)."""
         ctx = int(self.cache.max_seq_len)
@@ -179,7 +160,7 @@ class ExLlamaV2Engine:
         except EngineError as e:
             err = e
         except Exception as e:
-            msg, oom = _one_line(e), _is_oom(e)
+            msg, oom = one_line(e), is_oom(e)
         if err is not None or msg:
             # outside the except block: the traceback no longer pins the model and cache tensors
             self.spec = None
@@ -284,7 +265,7 @@ class ExLlamaV2Engine:
         except EngineError as e:
             err = e
         except Exception as e:
-            msg, oom = _one_line(e), _is_oom(e)
+            msg, oom = one_line(e), is_oom(e)
         # outside the except block, so the traceback no longer pins logits/cache tensors
         self.unload()
         if err is not None:
@@ -378,15 +359,6 @@ class ExLlamaV2Engine:
                 gen_s.append(time.perf_counter() - t0)
         return SpeedResult.of_runs(prompt_s=prompt_s, gen_s=gen_s, context_fill=fill, gen_tokens=protocol.gen_tokens)
 
-    def memory(self) -> tuple[DeviceMemory, ...]:
-        torch = self.torch
-        out = []
-        for d in self._devices(self.spec.split.n_devices if self.spec else 1):
-            free, total = torch.cuda.mem_get_info(d)
-            out.append(DeviceMemory(index=d, peak_allocated=int(torch.cuda.max_memory_allocated(d)), used=int(total - free),
-                                    reserved=int(torch.cuda.memory_reserved(d))))
-        return tuple(out)
-
 
 class ExLlamaV2Backend:
     """Backend for exl2 variants on CUDA GPUs."""
@@ -395,17 +367,7 @@ class ExLlamaV2Backend:
     formats: tuple[str, ...] = ("exl2",)
 
     def check_available(self) -> None:
-        try:
-            import torch
-        except ImportError:
-            raise BackendUnavailableError(f"the exllamav2 backend needs torch ({INSTALL_HINT})") from None
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError(f"the exllamav2 backend needs a CUDA GPU (torch {torch.__version__} "
-                                          "sees none); exl2opt plan with the same options predicts without a GPU")
-        try:
-            import exllamav2  # noqa: F401
-        except Exception as e:  # ImportError, or OSError from the JIT build of exllamav2_ext
-            raise BackendUnavailableError(f"cannot import exllamav2 ({_one_line(e)}); {INSTALL_HINT}") from None
+        check_torch_cuda(engine="exllamav2", module="exllamav2", hint=INSTALL_HINT)
 
     def open(self) -> ExLlamaV2Engine:
         self.check_available()

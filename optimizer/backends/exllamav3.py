@@ -39,9 +39,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from optimizer.backends.base import DeviceMemory, EvalProtocol, LoadSpec, PrepareInfo, SpeedProtocol, SpeedResult
+from optimizer.backends.base import EvalProtocol, LoadSpec, PrepareInfo, SpeedProtocol, SpeedResult
 from optimizer.backends.progress import window_done
-from optimizer.errors import BackendUnavailableError, EngineError, EngineOOMError
+from optimizer.backends.torch_engine import TorchDevices, check_torch_cuda, is_oom, one_line
+from optimizer.errors import EngineError, EngineOOMError
 from optimizer.formats.exl3 import cache_mode
 from optimizer.sources.download import local_path
 from optimizer.vram import GIB
@@ -52,17 +53,11 @@ INSTALL_HINT = "pip install 'exl2opt[exl3]' with a CUDA build of torch (exllamav
 _EXCLUDE = -1.0
 
 
-def _is_oom(e: BaseException) -> bool:
-    text = str(e)
-    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in text.lower() or "Insufficient VRAM" in text
 
 
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
-class ExLlamaV3Engine:
+class ExLlamaV3Engine(TorchDevices):
     """One loaded EXL3 model + cache at a time (see the module docstring)."""
 
     def __init__(self) -> None:
@@ -94,17 +89,6 @@ class ExLlamaV3Engine:
         return (self.model is not None and s is not None and s.model_key == spec.model_key
                 and spec.split.mode == "single" and s.chunk_len == spec.chunk_len)
 
-    def _devices(self, n: int) -> range:
-        return range(min(max(n, 1), self.torch.cuda.device_count()))
-
-    def _reset_peaks(self, n: int) -> None:
-        for d in self._devices(n):
-            self.torch.cuda.reset_peak_memory_stats(d)
-
-    def _sync(self) -> None:
-        for d in self._devices(self.spec.split.n_devices if self.spec else 1):
-            self.torch.cuda.synchronize(d)
-
     def prepare(self, spec: LoadSpec) -> PrepareInfo:
         cache_mode(spec.cache)  # a bad mode is a usage error before anything is freed
         reuse = self._reusable(spec)
@@ -123,7 +107,7 @@ class ExLlamaV3Engine:
         except EngineError as e:
             err = e
         except Exception as e:
-            msg, oom = _one_line(e), _is_oom(e)
+            msg, oom = one_line(e), is_oom(e)
         if err is not None or msg:
             self.spec = None
             self.unload()  # outside the except block: the traceback no longer pins tensors
@@ -211,7 +195,7 @@ class ExLlamaV3Engine:
         except EngineError as e:
             err = e
         except Exception as e:
-            msg, oom = _one_line(e), _is_oom(e)
+            msg, oom = one_line(e), is_oom(e)
         self.unload()
         if err is not None:
             raise err
@@ -291,15 +275,6 @@ class ExLlamaV3Engine:
                 gen_s.append(time.perf_counter() - t0)
         return SpeedResult.of_runs(prompt_s=prompt_s, gen_s=gen_s, context_fill=fill, gen_tokens=protocol.gen_tokens)
 
-    def memory(self) -> tuple[DeviceMemory, ...]:
-        torch = self.torch
-        out = []
-        for d in self._devices(self.spec.split.n_devices if self.spec else 1):
-            free, total = torch.cuda.mem_get_info(d)
-            out.append(DeviceMemory(index=d, peak_allocated=int(torch.cuda.max_memory_allocated(d)), used=int(total - free),
-                                    reserved=int(torch.cuda.memory_reserved(d))))
-        return tuple(out)
-
 
 class ExLlamaV3Backend:
     """Backend for EXL3 variants on CUDA GPUs."""
@@ -308,17 +283,7 @@ class ExLlamaV3Backend:
     formats: tuple[str, ...] = ("exl3",)
 
     def check_available(self) -> None:
-        try:
-            import torch
-        except ImportError:
-            raise BackendUnavailableError(f"the exllamav3 backend needs torch ({INSTALL_HINT})") from None
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError(f"the exllamav3 backend needs a CUDA GPU (torch {torch.__version__} "
-                                          "sees none); exl2opt plan with the same options predicts without a GPU")
-        try:
-            import exllamav3  # noqa: F401
-        except Exception as e:  # ImportError, or OSError from the JIT build of exllamav3_ext
-            raise BackendUnavailableError(f"cannot import exllamav3 ({_one_line(e)}); {INSTALL_HINT}") from None
+        check_torch_cuda(engine="exllamav3", module="exllamav3", hint=INSTALL_HINT)
 
     def open(self) -> ExLlamaV3Engine:
         self.check_available()
