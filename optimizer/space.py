@@ -13,7 +13,7 @@ from typing import TypeVar
 from optimizer.errors import BadOptionError
 from optimizer.formats import RuntimeOptions, default_cache_modes, rules_for
 from optimizer.variant import Variant
-from optimizer.vram import GIB, MIB, DeviceBreakdown, Split, VramVerdict, place, with_margin
+from optimizer.vram import GIB, MIB, Split, VramVerdict, expand_per_device, place, unplaced, with_margin
 
 #: Smallest context the automatic grid offers (tokens).
 MIN_AUTO_CONTEXT = 2048
@@ -135,11 +135,9 @@ def evaluate(
     problem = getattr(rules, "config_problem", None)
     why = problem(config.variant, max_seq_len=config.max_seq_len, cache=config.cache, runtime=runtime) if problem else None
     if why:  # the engine cannot run it at all: unplaced, with the reason
-        n = 1 if config.split.mode == "single" else max(config.split.n_devices, 1)
-        budgets = budget.per_device * n if len(budget.per_device) == 1 else budget.per_device
-        overheads = overhead * n if len(overhead) == 1 else overhead
-        devs = tuple(DeviceBreakdown(index=i, budget=budgets[i], overhead=overheads[i]) for i in range(n))
-        return VramVerdict(devices=devs, placed=False, reason=why)
+        n = max(config.split.n_devices, 1)
+        return unplaced(budgets=expand_per_device(budget.per_device, n, "budgets"),
+                        overheads=expand_per_device(overhead, n, "overhead_bytes"), reason=why)
     plan = rules.variant_plan(config.variant, max_seq_len=config.max_seq_len, cache=config.cache, runtime=runtime)
     return place(plan=plan, split=config.split, budgets=budget.per_device, overhead_bytes=overhead, margin_bytes=margin)
 

@@ -160,9 +160,9 @@ def place(*, plan: MemoryPlan, split: Split, budgets: tuple[int, ...], overhead_
     its room, found by bisection over the plan's prefix sums.
     """
     n = max(split.n_devices, 1)
-    budgets = _expand(budgets, n, "budgets")
-    overheads = _expand(overhead_bytes, n, "overhead_bytes")
-    margins = _expand(margin_bytes, n, "margin_bytes")
+    budgets = expand_per_device(budgets, n, "budgets")
+    overheads = expand_per_device(overhead_bytes, n, "overhead_bytes")
+    margins = expand_per_device(margin_bytes, n, "margin_bytes")
     if split.mode == "single":
         return _place_single(plan, budgets[0], overheads[0], margins[0])
     if split.mode == "manual":
@@ -178,7 +178,17 @@ def place(*, plan: MemoryPlan, split: Split, budgets: tuple[int, ...], overhead_
     return _place_auto(plan, split, budgets, overheads, margins)
 
 
-def _expand(values: tuple[int, ...], n: int, what: str) -> tuple[int, ...]:
+def unplaced(*, budgets: tuple[int, ...], overheads: tuple[int, ...], reason: str) -> VramVerdict:
+    """A verdict for a configuration the engine cannot load at all (nothing placed), with the reason.
+
+    ``budgets`` and ``overheads`` are bytes, one entry per device of the split (already expanded).
+    """
+    devs = tuple(DeviceBreakdown(index=i, budget=b, overhead=o) for i, (b, o) in enumerate(zip(budgets, overheads, strict=True)))
+    return VramVerdict(devices=devs, placed=False, reason=reason)
+
+
+def expand_per_device(values: tuple[int, ...], n: int, what: str) -> tuple[int, ...]:
+    """``values`` for ``n`` devices: a single entry repeated, or exactly ``n`` entries (else ValueError)."""
     if len(values) == 1:
         return tuple(values) * n
     if len(values) != n:
@@ -232,7 +242,7 @@ def with_margin(verdict: VramVerdict, margin_bytes: tuple[int, ...]) -> VramVerd
     """
     if not any(margin_bytes):
         return verdict
-    margins = _expand(margin_bytes, len(verdict.devices), "margin_bytes")
+    margins = expand_per_device(margin_bytes, len(verdict.devices), "margin_bytes")
     devices = [replace(d, margin=margins[i] if d.n_modules else 0) for i, d in enumerate(verdict.devices)]
     return _finish(devices, verdict.placed, verdict.reason)
 

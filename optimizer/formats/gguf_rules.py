@@ -30,7 +30,7 @@ from optimizer.formats.gguf import (
     split_layers,
 )
 from optimizer.variant import Variant
-from optimizer.vram import GIB, MIB, DeviceBreakdown, MemoryPlan, Split, VramVerdict
+from optimizer.vram import GIB, MIB, DeviceBreakdown, MemoryPlan, Split, VramVerdict, unplaced
 
 FORMAT = "gguf"
 #: KV types offered by default (symmetric) plus the usual mixed pairs.
@@ -121,8 +121,7 @@ def place_config(
     s = settings_for(max_seq_len=max_seq_len, cache=cache, runtime=runtime)
     problem = kv_type_problem(m, s)
     if problem:
-        devs = tuple(DeviceBreakdown(index=i, budget=budgets[i], overhead=overheads[i]) for i in range(n))
-        return VramVerdict(devices=devs, placed=False, reason=problem)
+        return unplaced(budgets=budgets, overheads=overheads, reason=problem)
     preds = predict_devices(m, s, tensor_split=tensor_split_of(split))
     where = split_layers(m, n_gpu_layers=s.n_gpu_layers, tensor_split=tensor_split_of(split))
     devs = tuple(
