@@ -7,7 +7,7 @@ planner and the study all ask it. Everything here is pure and cheap (no engine, 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from optimizer.errors import BadOptionError
@@ -248,6 +248,28 @@ def max_context(
         default_ctx=default_ctx,
         verdict=best[1] if best else None,
     )
+
+
+#: The prompt chunk (tokens) ``fit`` also tries when a larger one was asked for: without flash-attn exllamav2 holds
+#: the attention scores of a whole chunk (they grow with its square), so a smaller chunk can hold far more context.
+SMALL_CHUNK = 512
+
+
+def smaller_chunk_gains(
+    *, fits: Sequence[FitResult], budget: Budget, runtime: RuntimeOptions, chunk: int = SMALL_CHUNK,
+) -> list[tuple[FitResult, FitResult]]:
+    """``(asked, smaller)`` for each fit whose (variant, cache, split) holds more context with a ``chunk``-token
+    prompt chunk than with ``runtime.chunk_len`` (empty when that is not larger than ``chunk``). Prompt processing
+    in smaller chunks is slower; the caller says so."""
+    if runtime.chunk_len <= chunk:
+        return []
+    small = replace(runtime, chunk_len=chunk)
+    out = []
+    for f in fits:
+        g = max_context(variant=f.variant, cache=f.cache, split=f.split, budget=budget, runtime=small)
+        if (g.max_seq_len or 0) > (f.max_seq_len or 0):
+            out.append((f, g))
+    return out
 
 
 _T = TypeVar("_T")

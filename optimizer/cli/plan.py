@@ -147,6 +147,15 @@ def _split_line(auto: FitResult, better: FitResult) -> str:
             f"(autosplit: {auto.max_seq_len or 'nothing fits'})")
 
 
+def _chunk_lines(gains: list[tuple[FitResult, FitResult]]) -> list[str]:
+    """One line per variant: each cache's context with the smaller chunk (and with the asked one)."""
+    by_variant: dict[str, list[str]] = {}
+    for asked, small in gains:
+        by_variant.setdefault(asked.variant.label, []).append(
+            f"{asked.cache} {small.max_seq_len} (now {asked.max_seq_len or 'none'})")
+    return [f"{label}: {', '.join(parts)}" for label, parts in by_variant.items()]
+
+
 @app.command()
 def fit(
     model: list[str] = c.ModelOpt,
@@ -177,7 +186,15 @@ def fit(
     from optimizer.recipes import parse_recipe_option, spec_for
     from optimizer.recipes.present import fit_section, record_fields, tools_of
     from optimizer.sources import resolve_sources
-    from optimizer.space import better_split, check_caches, margin_note, max_context, split_search
+    from optimizer.space import (
+        SMALL_CHUNK,
+        better_split,
+        check_caches,
+        margin_note,
+        max_context,
+        smaller_chunk_gains,
+        split_search,
+    )
     from optimizer.tables import fit_record, text_table, to_csv, to_json
     from optimizer.textsafe import safe
 
@@ -242,6 +259,12 @@ def fit(
               "(the table and the recipes below use these):")
         for auto, better in beats:
             print(safe(f"  {_split_line(auto, better)}"))
+    gains = smaller_chunk_gains(fits=fits, budget=budget, runtime=runtime)
+    if gains:
+        print(f"A smaller prompt chunk holds more context (prompts are then processed {SMALL_CHUNK} tokens at a time, "
+              f"more slowly): with --chunk {SMALL_CHUNK}")
+        for line in _chunk_lines(gains):
+            print(safe(f"  {line}"))
     print(safe(pr.decision_line(cands, gpu_names)))
     if any(r["max_ctx"] for r in records):
         picked = pr.choose(cands)
