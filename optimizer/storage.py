@@ -43,11 +43,12 @@ def study_dir(*, study: str, root: Path = DEFAULT_ROOT) -> Path:
     from optimizer.textsafe import safe
 
     if len(study.encode("utf-8", "surrogatepass")) > MAX_STUDY_NAME_BYTES:
-        raise StorageError(f"invalid study name {safe(repr(study[:40]))}...: {len(study.encode('utf-8', 'surrogatepass'))} "
-                           f"bytes in UTF-8, at most {MAX_STUDY_NAME_BYTES} (it names a folder)")
+        raise BadOptionError(f"invalid study name {safe(repr(study[:40]))}...: {len(study.encode('utf-8', 'surrogatepass'))} "
+                             f"bytes in UTF-8, at most {MAX_STUDY_NAME_BYTES} (it names a folder)")
     if (not study or "/" in study or "\\" in study or study in (".", "..")
             or any(ord(ch) < 32 or 0x7F <= ord(ch) <= 0x9F for ch in study)):
-        raise StorageError(f"invalid study name {safe(repr(study))}: use letters, digits, '-', '_' and '.'")
+        raise BadOptionError(f"invalid study name {safe(repr(study))}: it names a folder, so it cannot be empty, '.' or "
+                             "'..', or hold '/', '\\' or control characters")
     return root / study
 
 
@@ -125,7 +126,7 @@ def open_storage(*, study: str, url: str | None, root: Path = DEFAULT_ROOT, hear
             set_aside_partial_record(d / JOURNAL_NAME)  # a crash or full disk left half a record
             return JournalStorage(JournalFileBackend(str(d / JOURNAL_NAME)))
         return optuna.storages.get_storage(url)
-    except StorageError:
+    except (StorageError, BadOptionError):
         raise
     except OSError as e:  # read-only, full, permission: one line naming the file
         raise storage_os_error(e, doing="open the study storage") from None

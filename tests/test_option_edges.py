@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimizer.cli import _common as c
-from optimizer.errors import BadOptionError, SizeParseError, StorageError
+from optimizer.errors import BadOptionError, SizeParseError
 from optimizer.space import Budget
 from optimizer.storage import MAX_STUDY_NAME_BYTES, study_dir
 from optimizer.units import MAX_SIZE, parse_size, parse_sizes
@@ -91,7 +91,7 @@ def test_cache_lists_are_deduplicated_in_order(text):
 def test_any_study_name_is_one_folder_or_one_line(name):
     try:
         d = study_dir(study=name, root=Path("/r"))
-    except StorageError as e:
+    except BadOptionError as e:
         _short_line(e)
         return
     assert d.parent == Path("/r") and d.name == name and len(name.encode("utf-8", "surrogatepass")) <= MAX_STUDY_NAME_BYTES
@@ -168,7 +168,7 @@ def test_search_with_an_invalid_study_name_is_one_line_and_writes_nothing(tmp_pa
     with pytest.raises(SystemExit) as se:
         main(["search", "-m", str(EXAMPLE), "--vram", "24GB", "--studies-dir", str(tmp_path), "--study", "../x"])
     err = capsys.readouterr().err
-    assert se.value.code == 1 and err.startswith("exl2opt: error: invalid study name") and err.count("\n") == 1, err
+    assert se.value.code == 2 and err.startswith("exl2opt: error: invalid study name") and err.count("\n") == 1, err
     assert not any(tmp_path.iterdir())
 
 

@@ -11,7 +11,7 @@ from exl2_fixtures import TINY_LLAMA, make_exl2_dir
 from fake_engine import FakeBackend, FakeEngine
 
 from optimizer.backends.base import EvalProtocol, SpeedProtocol, SpeedResult
-from optimizer.errors import EngineError, EngineOOMError, EvalDataError, StorageError, StudyError
+from optimizer.errors import BadOptionError, EngineError, EngineOOMError, EvalDataError, StudyError
 from optimizer.evaldata import EvalText, load_eval_text
 from optimizer.report import write_reports
 from optimizer.sources.local import discover_local
@@ -218,8 +218,9 @@ def test_resume_after_moving_the_model_directory_is_refused_with_a_hint(vdir: Pa
 
 @pytest.mark.parametrize("name", ["../x", "/abs/x", "a/b", "..", ".", "", "a\\b", "x\x00y"])
 def test_unsafe_study_names_are_refused(tmp_path: Path, name: str) -> None:
-    with pytest.raises(StorageError):
+    with pytest.raises(BadOptionError) as e:  # a usage error: exit 2
         study_dir(study=name, root=tmp_path)
+    assert e.value.exit_code == 2
 
 
 # ----- infeasible only, reports ---------------------------------------------------------------------
