@@ -72,6 +72,8 @@ def test_plan_prefers_the_better_variant_and_shows_speed_only_with_a_gpu(two_var
 def test_gpu_list_needs_no_model(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["fit", "--gpu", "list"], capsys)
     assert code == 0 and "RTX 4090" in out and "H100 SXM5 80GB" in out
+    t4 = next(ln for ln in out.splitlines() if ln.startswith("Tesla T4"))
+    assert "16 GB nominal" in t4 and "--vram 15GiB" in out  # the board size is not the budget to give
 
 
 @pytest.mark.parametrize("name", ["voodoo", "a100"])

@@ -24,9 +24,11 @@ def _list_gpus(value: Optional[str]) -> Optional[str]:
     if value is not None and value.strip().lower() == "list":
         from optimizer.predict.gpus import known_gpus
 
+        print("Memory is the board's nominal size; give --vram what nvidia-smi shows as total (a T4's 16 GB shows "
+              "15360 MiB with ECC on: --vram 15GiB).")
         for g in known_gpus():
             rate = f"{g.fp16_tflops:g} TFLOPS FP16" if g.fp16_tflops else "FP16 rate not verified"
-            print(f"{g.name:<18} {g.memory_gib:>5g} GiB  {g.bandwidth_gb_s:>6g} GB/s  {rate}  ({g.host})")
+            print(f"{g.name:<18} {g.memory_gib:>5g} GB nominal  {g.bandwidth_gb_s:>6g} GB/s  {rate}  ({g.host})")
         raise typer.Exit(0)
     return value
 
