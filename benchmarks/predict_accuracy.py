@@ -3,7 +3,8 @@
 Usage: ``.venv/bin/python benchmarks/predict_accuracy.py``
 
 Data: ``optimizer/predict/data/published-ppl.csv`` (exllamav3 ``doc/exl3.md`` charts: 4 models x EXL2/EXL3/GGUF,
-one harness) and ``published-speed.csv`` (exllamav2 README table, oobabooga's 13B runs, three issue threads).
+one harness) and ``published-speed.csv`` (exllamav2 README table, oobabooga's 13B runs, four issue threads;
+llama.cpp runs from XiongjieDai/GPU-Benchmarks-on-LLM-Inference).
 
 Perplexity, for each held-out model (its data is never used to fit the format constants it is scored with):
 
@@ -19,8 +20,8 @@ Perplexity, for each held-out model (its data is never used to fit the format co
 * **rank correlation** -- Spearman between the 0-anchor predictions and the measured perplexity over all variants
   (all formats) of each model, averaged over models.
 
-Decode speed: median |error| per GPU of (a) the shipped priors (no measurement), (b) efficiency and per-layer cost
-fitted per GPU on the other models' rows (leave one model out), (c) the naive 75 %-of-bandwidth roofline.
+Decode speed: see ``benchmarks/speed_accuracy.py`` (median |error| per engine and GPU: shipped priors on all rows
+and without the rows the source marks host-bound, priors refitted leave-one-model-out, per-GPU fit, naive roofline).
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from optimizer.predict.gpus import find_gpu  # noqa: E402
+from benchmarks.speed_accuracy import speed_report  # noqa: E402
 from optimizer.predict.quality import CURVES, Curve, _solve, fit  # noqa: E402
-from optimizer.predict.speed import SpeedPoint, decode_speed, fit_decode, kv_read_bytes_per_token, split_decode_speed  # noqa: E402
 
 DATA = ROOT / "optimizer" / "predict" / "data"
 C_GRID = [0.5 + 0.01 * i for i in range(251)]
@@ -185,58 +185,12 @@ def perplexity_report() -> dict[str, float]:
             "rho": statistics.mean(rhos)}
 
 
-def speed_rows() -> list[dict[str, str]]:
-    with (DATA / "published-speed.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
-def _shape(r: dict[str, str]) -> tuple[int, int, int]:
-    """(weight bytes read per token, KV bytes per token of fill, layers)."""
-    L, d, i = int(r["layers"]), int(r["hidden"]), int(r["intermediate"])
-    h, kv, hd, v = int(r["heads"]), int(r["kv_heads"]), int(r["head_dim"]), int(r["vocab"])
-    dec = L * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * i)
-    head_bits = {6: 6.33, 8: 8.03}.get(int(r["head_bits"]), float(r["head_bits"]))
-    w = int(dec * float(r["bpw"]) / 8 + v * d * head_bits / 8)
-    return w, kv_read_bytes_per_token(fmt="exl2", cache=r["cache"], n_layers=L, kv_dim=kv * hd), L
-
-
-def speed_report() -> float:
-    rows = speed_rows()
-    prior: dict[str, list[float]] = defaultdict(list)
-    lomo: dict[str, list[float]] = defaultdict(list)
-    naive: dict[str, list[float]] = defaultdict(list)
-    for r in rows:
-        w, kv, L = _shape(r)
-        gpu = find_gpu(r["gpu"])
-        meas = float(r["gen_tok_s"])
-        fill = int(r["fill"])
-        prior[gpu.name].append(abs(decode_speed(gpu.name, w, kv, fill, L).value / meas - 1))
-        naive[gpu.name].append(abs(0.75 * gpu.bandwidth / (w + kv * fill) / meas - 1))
-        others = [o for o in rows if o["gpu"] == r["gpu"] and o["model"] != r["model"]]
-        if others:
-            pts = []
-            for o in others:
-                ow, okv, oL = _shape(o)
-                pts.append(SpeedPoint(gpu.bandwidth, ow, okv * int(o["fill"]), oL, float(o["gen_tok_s"])))
-            cal = fit_decode(pts, server=gpu.host == "server")
-            lomo[gpu.name].append(abs(split_decode_speed([gpu.name], [w], [kv], fill, L, "exl2", cal).value / meas - 1))
-    print("\nDecode tok/s (exllamav2; published-speed.csv): median |error| per GPU")
-    print(f"  {'GPU':<16}{'n':>3}{'priors':>9}{'LOMO-fit':>10}{'naive 75% BW':>14}")
-    for g in prior:
-        lo = f"{100 * statistics.median(lomo[g]):8.1f}%" if lomo[g] else "       --"
-        print(f"  {g:<16}{len(prior[g]):>3}{100 * statistics.median(prior[g]):8.1f}%{lo:>10}"
-              f"{100 * statistics.median(naive[g]):13.1f}%")
-    allp = [e for v in prior.values() for e in v]
-    alln = [e for v in naive.values() for e in v]
-    print(f"  {'all rows':<16}{len(allp):>3}{100 * statistics.median(allp):8.1f}%{'':>10}{100 * statistics.median(alln):13.1f}%")
-    return statistics.median(allp)
-
-
 def main() -> None:
     q = perplexity_report()
     s = speed_report()
     print(f"\nsummary: ppl_0_anchors={100 * q['ppl0']:.2f}% (b>=3: {100 * q['ppl0_3']:.2f}%) ppl_2_anchors={100 * q['ppl2']:.2f}% "
-          f"naive_2_anchors={100 * q['naive']:.2f}% rank_rho={q['rho']:.3f} decode_speed_priors={100 * s:.1f}%")
+          f"naive_2_anchors={100 * q['naive']:.2f}% rank_rho={q['rho']:.3f} decode_speed_priors={100 * s['all']:.1f}% "
+          f"(excl. host-bound {100 * s['excl_host_bound']:.1f}%, groups within 10%: {s['groups_within']:.0f}/{s['groups']:.0f})")
 
 
 if __name__ == "__main__":
