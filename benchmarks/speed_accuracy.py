@@ -17,6 +17,8 @@ Errors are |predicted / measured - 1|, reported per (engine, GPU) as medians:
 * **per-GPU fit** -- :func:`optimizer.predict.speed.fit_decode` on the other models' rows of the same GPU
   (the calibration path after measured trials).
 * **naive** -- 75 % of peak bandwidth over the bytes read, no per-layer cost.
+
+It also counts the rows whose measured speed lies inside the priors' interval (``Estimate.low``..``high``).
 """
 
 from __future__ import annotations
@@ -152,9 +154,12 @@ def speed_report(path: Path = DATA) -> dict[str, float]:
     rows = load_rows(path)
     err: dict[str, dict[tuple[str, str], list[float]]] = {k: defaultdict(list) for k in
                                                           ("prior", "prior_ok", "refit", "refit_ok", "gpu", "naive")}
+    inside: dict[str, list[bool]] = defaultdict(list)
     for r in rows:
         key = (r.fmt, r.gpu)
-        prior = decode_speed(r.gpu, r.weights, r.kv_per_token, r.fill, r.layers, r.fmt).value
+        est = decode_speed(r.gpu, r.weights, r.kv_per_token, r.fill, r.layers, r.fmt)
+        prior = est.value
+        inside[r.fmt].append(est.low <= r.tok_s <= est.high)
         err["prior"][key].append(abs(prior / r.tok_s - 1))
         if not r.host_bound:
             err["prior_ok"][key].append(abs(prior / r.tok_s - 1))
@@ -198,6 +203,8 @@ def speed_report(path: Path = DATA) -> dict[str, float]:
     missed = [f"{ENGINE_NAMES[k[0]]} {k[1]} {100 * statistics.median(err['prior'][k]):.1f} %" for k in keys
               if k not in within]
     print("  over the goal (priors, all rows): " + ("; ".join(missed) if missed else "none"))
+    print("  measured tok/s inside the priors' interval: " + "; ".join(
+        f"{ENGINE_NAMES[f]} {sum(v)} of {len(v)}" for f, v in inside.items()))
     within_refit = [k for k in keys if statistics.median(err["refit"][k]) <= GOAL]
     print(f"  out of sample (refit column): {len(within_refit)} of {len(keys)} groups within {100 * GOAL:.0f} %. The shipped "
           "priors were themselves fitted to part of these rows (exllamav2 README table; llama.cpp 3090/4090/4080 and "
