@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,16 +99,28 @@ class CostEngine:
     clock: float = 0.0
     spec: LoadSpec | None = None
     model_key: tuple[str, str] | None = None
+    placed: tuple[int, str] | None = None  #: autosplit: (tokens, cache) the loaded layers were placed around
     ppl_started: bool = False
     done: list[tuple[float, str]] = field(default_factory=list)
+    loads: int = 0
 
     def prepare(self, spec: LoadSpec) -> PrepareInfo:
-        loaded = spec.model_key != self.model_key or spec.split.mode == "auto"
-        if loaded:
+        """Reloads as the exllamav2 backend does: on a new variant or split, and under autosplit unless the spec
+        shares the loaded placement (``place_around``) with a context no longer than the one placed around."""
+        auto = spec.split.mode == "auto"
+        keep = spec.model_key == self.model_key and (not auto or (
+            spec.place_around is not None and spec.placement == self.placed and spec.max_seq_len <= spec.placement[0]))
+        if not keep:
             self.clock += load_s(spec.variant)
+            self.loads += 1
+            self.placed = spec.placement if auto else None
+            if auto and spec.placement != (spec.max_seq_len, spec.cache):  # the placed-around cache, then replaced
+                ctx, cache = spec.placement
+                self.clock += cache_cost(self.cache_bytes.get(key_of(replace(spec, max_seq_len=ctx, cache=cache)), 0))
         self.clock += cache_cost(self.cache_bytes.get(key_of(spec), 0))
         self.model_key, self.spec, self.ppl_started = spec.model_key, spec, False
-        return PrepareInfo(model_loaded=loaded)
+        own = not auto or (not keep and spec.placement == (spec.max_seq_len, spec.cache))
+        return PrepareInfo(model_loaded=not keep, placed_around=None if own else self.placed)
 
     def tokenize(self, text: str) -> list[int]:
         return list(range(EVAL.n_windows * EVAL.window))  # token value / window = window index
@@ -140,7 +152,7 @@ class CostEngine:
         return ()
 
     def unload(self) -> None:
-        self.model_key = None
+        self.model_key = self.placed = None
 
     def close(self) -> None:
         pass

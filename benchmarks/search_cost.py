@@ -15,10 +15,12 @@ tok/s and context):
                   predicted for an RTX 4090), driven by the cost-counting engine; its *total* time (it cannot know
                   when it has the front, so it is charged until it stops), and the fraction of the front it measured
     --exhaustive  the same loop measuring every feasible configuration (today's behaviour): time to the front, total
-    front oracle  exactly the front's configurations, each variant loaded once (autosplit: once per configuration),
-                  each perplexity (20 windows) and speed measured once
+    front oracle  exactly the front's configurations, each variant loaded once (also under autosplit: a cache fits
+                  in the placement made around a larger one), each perplexity (20 windows) and speed measured once
     hand loop     a careful person without the VRAM model: per variant (best first) load once, per cache try
-                  contexts upward until the first OOM, perplexity once per (variant, cache), speed per fill
+                  contexts upward until the first OOM, perplexity once per (variant, cache), speed per fill;
+                  under autosplit a fresh load per cache and context (what ExLlamaV2's loader does: without the
+                  VRAM model nobody knows which placement holds which cache)
     TPE+VRAM      Optuna TPE (multivariate) over (variant, cache, ctx), told the VRAM model (infeasible asks and
                   repeats cost nothing); one load and full measurement per new configuration; until the front is found
                   (capped at 4x the space, then marked '>')
@@ -70,14 +72,14 @@ def _run(ls: Landscape, spec: SearchSpec, cache_b: dict[str, int], root: Path, *
     return eng, res
 
 
-def oracle_cost(front: list[Any], cache_b: dict[str, int], auto: bool) -> float:
+def oracle_cost(front: list[Any], cache_b: dict[str, int]) -> float:
     t = 0.0
     loaded: set[str] = set()
     ppl_done: set[tuple[str, str]] = set()
     speed_done: set[tuple[str, str, int]] = set()
     for c in front:
         v, cfg = c.config.variant, c.config
-        if auto or v.key not in loaded:
+        if v.key not in loaded:
             t += load_s(v)
             loaded.add(v.key)
         t += cache_cost(cache_b[c.key])
@@ -181,7 +183,7 @@ def one(ls: Landscape, tmp: Path, tpe_seeds: int) -> dict[str, Any]:
     return {"ls": ls, "n": len(cands), "fit": len(feas), "front": len(front), "guided": guided.clock,
             "measured": len(measured), "skipped": gres.n_skipped, "recall": len(front & measured) / len(front),
             "exh_found": exh_found, "exh_total": exh.clock, "oracle": oracle_cost([c for c in feas if c.key in front],
-                                                                                   cache_b, auto),
+                                                                                   cache_b),
             "hand": hand_loop(cands, front, cache_b, auto), "tpe": tpe, "grid": t_grid}
 
 

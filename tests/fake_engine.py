@@ -8,6 +8,8 @@ variable ``FAKE_ENGINE_LOG`` names a file, to that file as JSON lines (so a test
 by a subprocess). ``FAKE_ENGINE_DELAY`` (seconds) slows each measurement; ``FAKE_ENGINE_OOM`` is a
 comma-separated list of ``cache@ctx`` that raise EngineOOMError; ``FAKE_ENGINE_ERROR`` makes every
 load fail with that message (an EngineError; an EngineTransientError when ``FAKE_ENGINE_TRANSIENT=1``).
+Under autosplit it reloads for every spec unless the spec shares the loaded placement (``place_around``),
+as the exllamav2 backend does.
 
 The measured memory is the prediction plus ``extra_bytes`` per device (``FAKE_ENGINE_EXTRA_BYTES``;
 may be negative), so a test can make a configuration that was predicted to fit measure over budget.
@@ -59,6 +61,7 @@ class FakeEngine:
     calls: list[tuple[str, str]] = field(default_factory=list)
     loads: int = 0
     model_key: tuple[str, str] | None = None
+    placed: tuple[int, str] | None = None  #: autosplit: (tokens, cache) the loaded layers were placed around
     spec: LoadSpec | None = None
     closed: bool = False
     extra_bytes: int = 0  #: added to each device's measured peak (plus FAKE_ENGINE_EXTRA_BYTES)
@@ -80,14 +83,18 @@ class FakeEngine:
             self.unload()
             self._log("oom", f"{spec.variant.key}|{spec.cache}|{spec.max_seq_len}")
             raise EngineOOMError("CUDA out of memory (fake)")
-        loaded = spec.model_key != self.model_key
-        if loaded:
+        auto = spec.split.mode == "auto"
+        keep = spec.model_key == self.model_key and (not auto or (
+            spec.place_around is not None and spec.placement == self.placed and spec.max_seq_len <= spec.placement[0]))
+        if not keep:  # autosplit places the layers around a cache: reloaded unless the placement is shared
             self.loads += 1
             self.model_key = spec.model_key
+            self.placed = spec.placement if auto else None
             self._log("load", spec.variant.key)
         self._log("cache", f"{spec.variant.key}|{spec.cache}|{spec.max_seq_len}")
         self.spec = spec
-        return PrepareInfo(model_loaded=loaded)
+        own = not auto or (not keep and spec.placement == (spec.max_seq_len, spec.cache))
+        return PrepareInfo(model_loaded=not keep, placed_around=None if own else self.placed)
 
     def tokenize(self, text: str) -> Sequence[int]:
         return [ord(c) % 251 for c in text]
@@ -116,7 +123,7 @@ class FakeEngine:
                      for d in v.devices if d.n_modules)
 
     def unload(self) -> None:
-        self.model_key = None
+        self.model_key = self.placed = None
         self.spec = None
 
     def close(self) -> None:

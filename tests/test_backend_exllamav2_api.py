@@ -211,6 +211,7 @@ def engine(xl: Any) -> Any:
     eng.model = eng.cache = eng.tokenizer = eng.spec = None
     eng.tokenizer_key = eng.model_dir = ""
     eng.loaded_seq_len = 0
+    eng.placed = None
     eng.causality = None
     eng.calls = calls
     return eng
@@ -261,9 +262,49 @@ def test_engine_manual_and_autosplit(engine: Any, tmp_path: Path) -> None:
     assert lazy[2]["lazy"] is True
     auto = [c for c in engine.calls if c[0] == "load_autosplit"][-1]
     assert auto[2]["reserve_vram"] == [192 * 2**20, 64 * 2**20]
-    # autosplit always reloads
+    # autosplit without place_around always reloads
     assert engine.prepare(_spec(tmp_path, ctx=1024, cache="q6", split=Split(mode="auto", n_devices=2))).model_loaded
     assert len(engine.memory()) == 2
+
+
+def test_autosplit_shares_a_placement_made_around_another_cache(engine: Any, tmp_path: Path) -> None:
+    """place_around: load_autosplit places around that (length, cache); the spec's own cache is then built on the
+    model's cache_map devices (a non-lazy cache), and specs sharing the placement only rebuild the cache."""
+    from optimizer.vram import Split
+
+    auto = Split(mode="auto", n_devices=2)
+
+    def names() -> list[str]:
+        return [c[0] for c in engine.calls]
+
+    info = engine.prepare(replace(_spec(tmp_path, ctx=1024, cache="q4", split=auto), place_around=(2048, "fp16")))
+    assert info.model_loaded and info.placed_around == (2048, "fp16")
+    lazy = [c for c in engine.calls if c[0] == "ExLlamaV2Cache"]
+    assert len(lazy) == 1 and lazy[0][2]["lazy"] is True and lazy[0][2]["max_seq_len"] == 2048
+    model = next(c for c in engine.calls if c[0] == "model")
+    assert model[2]["max_seq_len"] == 2048  # RoPE tables of the placed-around context
+    q4 = [c for c in engine.calls if c[0] == "ExLlamaV2Cache_Q4"]
+    assert len(q4) == 1 and "lazy" not in q4[0][2] and q4[0][2]["max_seq_len"] == 1024
+    n = names()
+    # built after the load, with the peaks reset after the load: memory of resident model + this cache
+    assert n.index("load_autosplit") < n.index("ExLlamaV2Cache_Q4")
+    assert "reset_peak" in n[n.index("load_autosplit"):n.index("ExLlamaV2Cache_Q4")]
+    assert engine.cache.max_seq_len >= 1024 and engine._context() == 1024
+    # same placement: no load, only the cache (also for the placed-around configuration itself)
+    for ctx, cache in ((2048, "q8"), (2048, "fp16")):
+        info = engine.prepare(replace(_spec(tmp_path, ctx=ctx, cache=cache, split=auto), place_around=(2048, "fp16")))
+        assert not info.model_loaded and info.placed_around == (2048, "fp16")
+    assert names().count("load_autosplit") == 1
+    # another placement, or none (a fresh load of the spec's own placement, as --exhaustive does): reloaded
+    info = engine.prepare(replace(_spec(tmp_path, ctx=1024, cache="q8", split=auto), place_around=(1024, "q8")))
+    assert info.model_loaded and info.placed_around is None and names().count("load_autosplit") == 2
+    info = engine.prepare(_spec(tmp_path, ctx=1024, cache="q8", split=auto))
+    assert info.model_loaded and info.placed_around is None and names().count("load_autosplit") == 3
+    # a longer context than the one placed around cannot use its RoPE tables
+    from optimizer.errors import EngineError
+
+    with pytest.raises(EngineError, match="cannot place"):
+        engine.prepare(replace(_spec(tmp_path, ctx=4096, cache="q4", split=auto), place_around=(2048, "fp16")))
 
 
 def test_engine_oom_is_reported_and_frees(engine: Any, tmp_path: Path) -> None:

@@ -65,3 +65,44 @@ def test_paired_windows_stop_a_dominated_cache_after_a_few_windows(variants_dir:
     assert sum(1 for k in ppl_calls if k.endswith("|q8")) == 3  # min_windows, not all 8
     assert sum(1 for k in ppl_calls if k.endswith("|fp16")) == 8
     assert res.n_measured == 1 and res.n_skipped == 1
+
+
+def test_guided_autosplit_loads_each_variant_once_and_exhaustive_reloads(variants_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    from dataclasses import replace
+
+    from optimizer.report import write_reports
+    from optimizer.study.placement import shared_placements
+    from optimizer.vram import Split
+
+    spec = replace(_spec(variants_dir, vram="0.8GiB"), split=Split(mode="auto", n_devices=2))
+    feasible = [c for c in build_space(spec) if c.verdict.fits]
+    around = shared_placements(feasible, budget=spec.budget, runtime=spec.runtime)
+    assert len({a.key for a in around.values()}) == len({c.config.variant.key for c in feasible})  # one per variant
+    be = FakeBackend()
+    res = _run(spec, tmp_path, be, exhaustive=False, gpus=("RTX 4090",))
+    study = open_study(study_name="s", storage_url=None, root=tmp_path / "studies", create=False)
+    measured = [t.user_attrs for t in study.trials if t.user_attrs.get("status") == "measured"]
+    loads = [k for what, k in be.engine.calls if what == "load"]
+    assert len(measured) > len(loads) == len(set(loads)) == len({ua["variant"] for ua in measured})
+    assert res.model_loads == len(loads)
+    shared = [ua for ua in measured if ua.get("placement_of")]
+    assert shared  # measured in a placement made for another cache (or kept from an earlier load)
+    for ua in measured:
+        assert ua.get("placement_of", "") in ("", around[ua["config_key"]].key)
+    # the report does not present their memory as a measurement of their own load
+    write_reports(study=study, out_dir=tmp_path / "rep", plots=False)
+    import csv
+
+    rows = {r["config_key"]: r for r in csv.DictReader((tmp_path / "rep" / "trials.csv").open())}
+    for ua in shared:
+        r = rows[ua["config_key"]]
+        assert r["placement_of"] == ua["placement_of"] and r["measured_vram_gib"] == "" and r["predicted_vram_gib"]
+    own = [ua for ua in measured if not ua.get("placement_of")]
+    assert all(rows[ua["config_key"]]["measured_vram_gib"] for ua in own)
+    # --exhaustive: a fresh autosplit load for every configuration (each verifies its own load)
+    be2 = FakeBackend()
+    res2 = run(spec=spec, study_name="x", backend_factory=lambda v: be2, root=tmp_path / "studies",
+               eval_text=lambda: EvalText(dataset_id="fake:1", text="hello world " * 50), exhaustive=True)
+    assert res2.n_measured == len(feasible) == sum(1 for what, _ in be2.engine.calls if what == "load")
+    ex = open_study(study_name="x", storage_url=None, root=tmp_path / "studies", create=False)
+    assert not any(t.user_attrs.get("placement_of") for t in ex.trials)

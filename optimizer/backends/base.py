@@ -7,8 +7,8 @@ The study drives an engine like this (see ``optimizer.study``)::
 
     engine = backend.open()                 # raises BackendUnavailableError (one clear line)
     for config in configs_in_variant_major_order:
-        info = engine.prepare(LoadSpec(...))   # loads the model only when variant/split changed;
-                                                # otherwise rebuilds only the cache
+        info = engine.prepare(LoadSpec(...))   # loads the model only when variant/split (autosplit: the
+                                                # placement) changed; otherwise rebuilds only the cache
         ppl = engine.perplexity(tokens=..., protocol=...)   # once per (variant, cache, protocol)
         spd = engine.speed(protocol=...)                    # once per (variant, cache, split, fill)
         mem = engine.memory()                                # every trial: peak bytes per device
@@ -38,6 +38,14 @@ class LoadSpec:
 
     ``chunk_len`` is the prompt chunk (ExLlamaV2 ``max_input_len``, llama.cpp ``n_batch``);
     ``batch_size`` the cache batch. ``flash_attn`` may be ignored by engines that decide it themselves.
+
+    ``place_around`` (autosplit only): ``(max_seq_len, cache)`` of the configuration whose placement to
+    load. The engine places the layers around *that* cache, as a fresh load of it would, and builds this
+    spec's own cache in that placement; specs with the same ``place_around`` then share one load. The
+    caller has checked with the VRAM model that this spec's cache fits in that placement
+    (:mod:`optimizer.study.placement`); ``max_seq_len`` is at most the one placed around (the RoPE tables
+    are sized at load). None: a fresh autosplit load around this spec's own cache. An engine that cannot
+    build a cache in an existing placement ignores it and loads this spec's own placement.
     """
 
     variant: Variant
@@ -48,19 +56,33 @@ class LoadSpec:
     batch_size: int = 1
     flash_attn: bool = False
     n_gpu_layers: int | None = None  #: llama.cpp layers offloaded (None = all); ignored by exllamav2
+    place_around: tuple[int, str] | None = None  #: autosplit: (tokens, cache mode) to place the layers around
 
     @property
     def model_key(self) -> tuple[str, str]:
         """Identity of the loaded *model* (the cache is not part of it)."""
         return (self.variant.key, self.split.label)
 
+    @property
+    def placement(self) -> tuple[int, str]:
+        """``(max_seq_len, cache)`` an autosplit load places the layers around: ``place_around`` or its own."""
+        return self.place_around if self.place_around is not None else (self.max_seq_len, self.cache)
+
 
 @dataclass(frozen=True)
 class PrepareInfo:
-    """What :meth:`Engine.prepare` had to do. ``model_loaded`` False means only the cache was rebuilt."""
+    """What :meth:`Engine.prepare` had to do. ``model_loaded`` False means only the cache was rebuilt.
+
+    ``placed_around``: under autosplit, the ``(max_seq_len, cache)`` the loaded placement was made around
+    when the spec's cache was built in a placement that a fresh load of this spec did not make (another
+    configuration's cache, or this one's placement kept from an earlier load). Perplexity and speed do
+    not depend on it (same GPUs, same layers); the measured memory does, so it is not this
+    configuration's own load. None: the layers sit where a fresh load of this spec put them.
+    """
 
     model_loaded: bool
     load_seconds: float = 0.0
+    placed_around: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)

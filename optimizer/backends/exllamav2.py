@@ -23,8 +23,19 @@ Loading (per :class:`~optimizer.backends.base.LoadSpec`):
     sin/cos tables of its load context (2 x S_load x rot_dim x 2 bytes per RoPE base), which
     ``memory()`` then includes. A manual split is reused only at the same context, because
     ``set_device_map`` places layers using ``config.max_seq_len`` (sin/cos size and
-    ``temp_kv_size``). Autosplit places weights around the cache, so it reloads whenever the cache
-    changes. The usable context is the *requested* ``max_seq_len``, not ``cache.max_seq_len``:
+    ``temp_kv_size``). Autosplit places weights around the cache it is given: the load places them
+    around ``LoadSpec.placement`` (``place_around``, else the spec's own cache) with
+    ``config.max_seq_len`` set to that length. ``load_autosplit_gen`` records each attention layer's
+    device in ``model.cache_map`` (model.py ~L570-620), and a cache created afterwards without
+    ``lazy`` allocates layer ``i`` on ``model.cache_map[i]`` (cache.py ``create_state_tensors``
+    ~L85-95) and a Q cache its FP16 staging pair on every device of ``model.get_cache_devices()``
+    (cache.py ``ExLlamaV2Cache_Q.__init__`` ~L459-461, model.py ``get_cache_devices`` ~L707). So a
+    spec whose ``place_around`` differs from its own cache gets the placed-around lazy cache dropped
+    and its own cache built in that placement, and a later spec with the same ``place_around`` (same
+    variant, split, chunk, batch, attention, and a context no longer than the one loaded) reuses the
+    model and rebuilds only the cache. ``PrepareInfo.placed_around`` then says the memory measured is
+    not that spec's own load. Without ``place_around`` every autosplit spec is a fresh load.
+    The usable context is the *requested* ``max_seq_len``, not ``cache.max_seq_len``:
     Q caches round the latter up to ``q_block`` after allocating their tensors.
 
 Perplexity: before the first perplexity of a loaded model,
@@ -45,8 +56,8 @@ Memory: ``torch.cuda.max_memory_allocated(d)``, ``torch.cuda.memory_reserved(d)`
 ``torch.cuda.mem_get_info(d)`` per used device (``used - reserved`` is the overhead beyond torch's
 allocator the trial saw: CUDA context, cuBLAS, other processes). Peaks are reset right before the cache is created
 for single/manual loads (after the model load, so a fresh load and a reused model measure the same
-thing: resident model + cache + inference transients), and before the load for autosplit (whose
-cache is built during the load). Timings synchronize every used device.
+thing: resident model + cache + inference transients) and for a cache built in an existing autosplit
+placement, and before the load for an autosplit around the spec's own cache (built during the load). Timings synchronize every used device.
 
 OOM: a CUDA out-of-memory error, autosplit's "Insufficient VRAM for model and cache" or a manual
 split's "Insufficient space in device allocation" drops the cache and the model, empties torch's
@@ -85,11 +96,6 @@ CACHE_CLASSES: dict[str, str] = {
 }
 INSTALL_HINT = "pip install 'exl2opt[gpu]' with a CUDA build of torch"
 
-
-
-
-
-
 #: reserve (bytes) handed to autosplit for visible GPUs beyond the planned ones: allocating it fails
 #: with a CUDA OOM before anything is placed there (model.py ``load_autosplit_gen`` allocates the
 #: reserve outside its OOM handler), so a spill is reported as ``oom``.
@@ -111,6 +117,8 @@ class ExLlamaV2Engine(TorchDevices):
         self.tokenizer_key = ""  #: variant key of ``tokenizer``
         self.spec: LoadSpec | None = None
         self.loaded_seq_len = 0
+        #: autosplit: the (max_seq_len, cache) the loaded layers were placed around
+        self.placed: tuple[int, str] | None = None
         self.model_dir = ""
         #: the causality check of the loaded model (None until its first perplexity)
         self.causality: CausalityResult | None = None
@@ -131,8 +139,11 @@ class ExLlamaV2Engine(TorchDevices):
             return False
         if spec.split.mode == "single":
             return spec.max_seq_len <= self.loaded_seq_len
-        # manual: layer placement depends on config.max_seq_len; autosplit: placed around the cache
-        return spec.split.mode == "manual" and spec.max_seq_len == self.loaded_seq_len
+        if spec.split.mode == "auto":  # placed around a cache: kept only for specs sharing that placement
+            return (spec.place_around is not None and spec.placement == self.placed
+                    and spec.max_seq_len <= self.loaded_seq_len)
+        # manual: layer placement depends on config.max_seq_len
+        return spec.max_seq_len == self.loaded_seq_len
 
     def _context(self) -> int:
         """Usable cache length in tokens: the requested one (Q caches round ``max_seq_len`` up)."""
@@ -171,14 +182,21 @@ class ExLlamaV2Engine(TorchDevices):
                 raise EngineOOMError(f"out of memory loading {spec.variant.label} ({msg})")
             raise EngineError(f"exllamav2 failed to load {spec.variant.label}: {msg}")
         self.spec = spec
-        return PrepareInfo(model_loaded=not reuse, load_seconds=time.monotonic() - t0)
+        own = spec.split.mode != "auto" or (not reuse and spec.placement == (spec.max_seq_len, spec.cache))
+        return PrepareInfo(model_loaded=not reuse, load_seconds=time.monotonic() - t0,
+                           placed_around=None if own else self.placed)
 
     def _load_model(self, spec: LoadSpec) -> None:
         if not self.model_dir:
             raise EngineError(f"no local directory for {spec.variant.label}")
+        split = spec.split
+        # autosplit: RoPE tables, chunk and placement as for the configuration placed around
+        seq_len, around = spec.placement if split.mode == "auto" else (spec.max_seq_len, spec.cache)
+        if seq_len < spec.max_seq_len:
+            raise EngineError(f"cannot place {spec.max_seq_len} tokens around a {seq_len}-token cache")
         config = self.xl.ExLlamaV2Config(self.model_dir)
-        config.max_seq_len = spec.max_seq_len
-        chunk = min(spec.chunk_len, spec.max_seq_len)
+        config.max_seq_len = seq_len
+        chunk = min(spec.chunk_len, seq_len)
         config.max_input_len = chunk
         config.max_attention_size = chunk ** 2
         config.max_batch_size = spec.batch_size
@@ -188,14 +206,16 @@ class ExLlamaV2Engine(TorchDevices):
         self.causality = None
         model = self.xl.ExLlamaV2(config)
         self.model = model
-        split = spec.split
         if split.mode == "auto":
             self._reset_peaks(split.n_devices)
-            cls = self._cache_class(spec.cache)
-            self.cache = cls(model, batch_size=spec.batch_size, max_seq_len=spec.max_seq_len, lazy=True)
+            cls = self._cache_class(around)
+            self.cache = cls(model, batch_size=spec.batch_size, max_seq_len=seq_len, lazy=True)
             reserve = [int(b) for b in split.reserve_bytes]
             reserve += [_NO_SPILL_RESERVE] * max(self.torch.cuda.device_count() - len(reserve), 0)
             model.load_autosplit(self.cache, reserve_vram=reserve, progress=False)
+            self.placed = (seq_len, around)
+            if (seq_len, around) != (spec.max_seq_len, spec.cache):
+                self._drop_cache()  # prepare() builds the spec's own cache on model.cache_map's devices
         elif split.mode == "manual":
             model.load(gpu_split=[float(g) for g in split.gpu_split], progress=False)
         else:
@@ -203,7 +223,7 @@ class ExLlamaV2Engine(TorchDevices):
         if self.tokenizer is None or self.tokenizer_key != spec.variant.key:
             self.tokenizer = self.xl.ExLlamaV2Tokenizer(config)
             self.tokenizer_key = spec.variant.key
-        self.loaded_seq_len = spec.max_seq_len
+        self.loaded_seq_len = seq_len
 
     def _fast_attention(self, config: Any) -> bool:
         """Whether exllamav2 will attend with flash-attn or xformers (both mask causally) for ``config``."""
@@ -241,6 +261,7 @@ class ExLlamaV2Engine(TorchDevices):
                 self.model.unload()
         self.model = None
         self.loaded_seq_len = 0
+        self.placed = None
         self.model_dir = ""
         gc.collect()
         if self.torch.cuda.is_available():

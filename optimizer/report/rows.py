@@ -11,6 +11,10 @@ and ``gen_tok_s_min``/``gen_tok_s_max`` their spread. A front point is *within t
 measured configuration that is at least as good on perplexity and context and whose speed range
 reaches the point's: its place on the front rests on a speed difference the runs do not resolve.
 
+Autosplit placement reuse: a trial with ``placement_of`` had its cache built in the placement made
+for that configuration (the guided search loads a variant once), so its measured memory is not its own
+load; ``measured_vram_gib``/``measured_used_gib`` stay empty there and its VRAM check is the prediction.
+
 No report ever contains a Hub token: locations never hold one, and every text cell is scrubbed
 of anything shaped like a token (``hf_...``) and of the value of ``HF_TOKEN`` as a second guard.
 """
@@ -38,7 +42,7 @@ TRIAL_COLUMNS = (
     "trial", "state", "status", "reason", "variant", "format", "label", "bpw", "head_bits", "max_seq_len",
     "cache_mode", "split", "perplexity", "gen_tok_s", "gen_tok_s_min", "gen_tok_s_max", "speed_runs", "prompt_tok_s",
     "context_fill", "vram_excess_gib", "predicted_vram_gib", "measured_vram_gib", "measured_used_gib", "budget_gib",
-    "model_loaded", "duplicate_of", "duration_s", "config_key", "alloc_conf",
+    "model_loaded", "placement_of", "duplicate_of", "duration_s", "config_key", "alloc_conf",
 )
 #: predictions of the guided search stored on a trial (perplexity and generation tokens/s, with intervals)
 PREDICTED_ATTRS = tuple(f"predicted_{q}{s}" for q in ("ppl", "gen_tok_s") for s in ("", "_low", "_high"))
@@ -78,6 +82,8 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
         pred = ua.get("predicted")
         runs = _runs(ua)
+        # memory measured in another configuration's autosplit placement is not this configuration's load
+        mem = None if ua.get("placement_of") else ua.get("measured")
         rows.append({
             "trial": t.number, "state": t.state.name, "status": ua.get("status", ""), "reason": ua.get("reason", ""),
             "variant": ua.get("source", ua.get("variant", "")), "variant_key": ua.get("variant", ""),
@@ -89,12 +95,13 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
             "speed_runs": len(runs) if runs else (1 if ua.get("gen_tok_s") is not None else None),
             "gen_tok_s_runs": runs, "prompt_tok_s": ua.get("prompt_tok_s"), "context_fill": ua.get("context_fill"),
             "vram_excess_gib": t.constraints.get(CONSTRAINT) if hasattr(t, "constraints") else None,
-            "predicted_vram_gib": _gib_list(pred, "total"), "measured_vram_gib": _gib_list(ua.get("measured"), "peak_allocated"),
-            "measured_used_gib": _gib_list(ua.get("measured"), "used"), "budget_gib": _gib_list(pred, "budget"),
-            "model_loaded": ua.get("model_loaded"), "duplicate_of": ua.get("duplicate_of", ""),
+            "predicted_vram_gib": _gib_list(pred, "total"), "measured_vram_gib": _gib_list(mem, "peak_allocated"),
+            "measured_used_gib": _gib_list(mem, "used"), "budget_gib": _gib_list(pred, "budget"),
+            "model_loaded": ua.get("model_loaded"), "placement_of": ua.get("placement_of", ""),
+            "duplicate_of": ua.get("duplicate_of", ""),
             "duration_s": round(dur, 3) if dur is not None else None, "config_key": ua.get("config_key", ""),
             "alloc_conf": ua.get("alloc_conf", ""),
-            "predicted": pred or [], "measured": ua.get("measured") or [],
+            "predicted": pred or [], "measured": mem or [],
             **{k: ua.get(k) for k in PREDICTED_ATTRS},
         })
     return rows

@@ -8,6 +8,10 @@ the measured configuration that beats the candidate in tok/s and context with th
 settles "worse" after a few windows; the candidate is then skipped without its remaining windows and its speed test.
 Skipped configurations are stored as trials with ``status: skipped``, their predicted values and the reason; they are
 not *done* (:mod:`optimizer.study.trials`), so an ``--exhaustive`` run of the same study measures them.
+
+Under autosplit a variant is loaded once, placed around its roomiest configuration, and the configurations whose
+cache the VRAM model fits in that placement are measured there (:mod:`optimizer.study.placement`); they share one
+load in the schedule, as a single GPU's or a manual split's configurations do. ``--exhaustive`` loads each afresh.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from optimizer.backends.base import Engine, EvalProtocol
 from optimizer.backends.progress import on_window, window_done
 from optimizer.predict.refit import Observation, SpaceEntry, SpacePredictor
 from optimizer.schedule import Item, Measured, Schedule, Skipped, paired_decision
+from optimizer.space import Configuration
 from optimizer.study.candidates import Candidate, base_attrs
 from optimizer.study.measure import RunState, measure_speed
+from optimizer.study.placement import shared_placements
 from optimizer.study.spec import SearchSpec
 from optimizer.study.trials import CONSTRAINT
 
@@ -64,12 +70,25 @@ class Guide:
         self.predictor = SpacePredictor([SpaceEntry(c.key, c.config, c.verdict) for c in self.cands], gpus=self.gpus,
                                         fill=sp.context_fill)
         first = self.predictor.refit()
-        # a load is shared by the configurations of a variant, except under autosplit (reloaded for every cache size)
-        items = [Item(key=c.key, load=c.key if c.config.split.mode == "auto" else f"{c.config.variant.key}|{c.config.split.label}",
-                      group=_group(c, self.spec),
+        #: autosplit: the configuration whose placement each one is measured in (absent: a fresh load of its own)
+        self.placement = shared_placements(self.cands, budget=self.spec.budget, runtime=self.spec.runtime)
+        items = [Item(key=c.key, load=self._load_key(c), group=_group(c, self.spec),
                       ctx=c.config.max_seq_len, ppl=first[c.key][0], tok_s=first[c.key][1]) for c in self.cands]
         self.schedule = Schedule(items, predictor=self._refit, margin=self.margin)
         self.reported: set[str] = set()
+
+    def _load_key(self, c: Candidate) -> str:
+        """Configurations with the same key share a model load: a variant with its split, and under autosplit
+        the placement (a configuration that cannot share one is a load of its own)."""
+        cfg = c.config
+        if cfg.split.mode != "auto":
+            return f"{cfg.variant.key}|{cfg.split.label}"
+        around = self.placement.get(c.key)
+        return f"{cfg.variant.key}|{cfg.split.label}|around={around.max_seq_len}:{around.cache}" if around else c.key
+
+    def place_around(self, cand: Candidate) -> Configuration | None:
+        """The configuration whose autosplit placement ``cand`` is measured in (None: its own fresh load)."""
+        return self.placement.get(cand.key)
 
     def _refit(self, ms: Sequence[Measured]) -> Any:
         return self.predictor.refit([Observation(m.key, m.ppl, m.tok_s) for m in ms])

@@ -181,7 +181,7 @@ def run(
                 else:
                     guide.annotate(trial, cand)
                     skip = measure(study, trial, cand, spec=spec, st=st, factory=backend_factory, text=text, say=say,
-                                   perplexity=guide.perplexity(cand, st))
+                                   perplexity=guide.perplexity(cand, st), place_around=guide.place_around(cand))
                     guide.observe(cand, st.done.get(cand.key), skip)
                 gpu_trials += 1
                 left = [c for c in todo if c.key not in st.done and c.key not in (guide.reported if guide else ())]

@@ -6,7 +6,9 @@
 
 Memos are rebuilt from earlier trials (:func:`load_memos`, any process's), so no quantity is
 measured twice. For measured trials the constraint ``vram_excess_gib`` is the worst device's
-measured peak allocation plus the predicted CUDA-context overhead, minus its budget.
+measured peak allocation plus the predicted CUDA-context overhead, minus its budget; a configuration
+measured in an autosplit placement made around another one (``placement_of``, see
+:mod:`optimizer.study.placement`) did not measure its own load, so its constraint is the prediction.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from optimizer.backends.base import Backend, Engine, EvalProtocol, LoadSpec
 from optimizer.backends.progress import on_window
 from optimizer.errors import EngineError, EngineOOMError, EngineTransientError
 from optimizer.evaldata import EvalText
+from optimizer.space import Configuration
 from optimizer.storage import first_line
 from optimizer.study.candidates import Candidate, base_attrs, measured_excess_gib
 from optimizer.study.eta import PhaseTimes, ppl_key_of, speed_key_of
@@ -124,7 +127,8 @@ def measure_speed(engine: Engine, cand: Candidate, *, spec: SearchSpec, st: RunS
 
 def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpec, st: RunState,
             factory: BackendFactory, text: Callable[[], EvalText],
-            say: Callable[[str], None] = lambda phase: None, perplexity: PerplexityFn | None = None) -> Any:
+            say: Callable[[str], None] = lambda phase: None, perplexity: PerplexityFn | None = None,
+            place_around: Configuration | None = None) -> Any:
     """Load (or reuse), measure what is not memoized, tell. Engine failures fail only this trial.
 
     ``trial`` is stamped and marked (:func:`~optimizer.study.trials.mark_running`) by its caller.
@@ -132,6 +136,9 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
     each phase's duration goes to ``st.times``.
     ``perplexity`` replaces ``engine.perplexity``; when it returns a skip (not a number) the trial is told
     PRUNED with ``status: skipped`` and its ``reason`` (not *done*), and the skip is returned.
+    ``place_around`` (autosplit): the configuration whose placement to measure ``cand`` in (the VRAM model
+    said its cache fits there); when the engine did so, the trial's ``placement_of`` names that configuration
+    and its measured memory is kept but not used as a check of ``cand``'s own load.
 
     Raises:
         Exception: an unexpected error (a bug), after failing the trial with ``retry: true``.
@@ -152,6 +159,7 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
             variant=cfg.variant, split=cfg.split, max_seq_len=cfg.max_seq_len, cache=cfg.cache,
             chunk_len=spec.runtime.chunk_len, batch_size=spec.runtime.batch_size, flash_attn=spec.runtime.flash_attn,
             n_gpu_layers=spec.runtime.n_gpu_layers,
+            place_around=(place_around.max_seq_len, place_around.cache) if place_around is not None else None,
         )
         info = engine.prepare(load)
         st.times.add("load" if info.model_loaded else "cache", time.perf_counter() - t0)
@@ -209,10 +217,15 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
     ppl = st.ppl[ppl_key]
     prompt_s, gen_s, filled, gen_runs = st.speed[speed_key]
     measured = [m.record() for m in mem]  # peak, used, reserved and the overhead beyond it (bytes)
-    excess = measured_excess_gib(cand.verdict, measured)
+    placement_of = ""
+    if info.placed_around is not None:  # not this configuration's own load: its memory check is the prediction
+        ctx, cache = info.placed_around
+        placement_of = Configuration(variant=cfg.variant, max_seq_len=ctx, cache=cache, split=cfg.split).key
+    excess = measured_excess_gib(cand.verdict, [] if placement_of else measured)
     attrs = {"perplexity": ppl, "gen_tok_s": gen_s, "gen_tok_s_runs": list(gen_runs), "prompt_tok_s": prompt_s, "context_fill": filled,
              "ppl_key": ppl_key, "speed_key": speed_key, "measured": measured,
-             "model_loaded": info.model_loaded, "status": "measured", "reason": ""}
+             "model_loaded": info.model_loaded, "status": "measured", "reason": "",
+             **({"placement_of": placement_of} if placement_of else {})}
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
     values = [ppl, gen_s, float(cfg.max_seq_len)]

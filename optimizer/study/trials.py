@@ -5,7 +5,9 @@ Trial user attributes (all JSON): ``config_key, variant, format, label, bits, he
 cache, max_seq_len, status`` (running | measured | reused | infeasible | outside_space | failed),
 ``reason``, ``predicted`` (per-device breakdown, bytes), ``measured`` (per-device peak/used, bytes),
 ``perplexity, gen_tok_s, prompt_tok_s, context_fill, ppl_key, speed_key, model_loaded, host, pid``,
-``gen_tok_s_runs`` (every timed generation run, tokens/s; ``gen_tok_s`` is their median).
+``gen_tok_s_runs`` (every timed generation run, tokens/s; ``gen_tok_s`` is their median),
+``placement_of`` (autosplit: the configuration whose placement the cache was built in, when it was
+not this one's own fresh load; ``measured`` is then not a measurement of this configuration's load).
 
 The done rule (:func:`outcome_of`, used by every loop through :func:`scan`): a configuration is
 *done* when it has a COMPLETE ``measured`` or ``infeasible`` trial, or a FAIL ``failed`` trial that
