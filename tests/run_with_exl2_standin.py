@@ -4,6 +4,7 @@ Meant to be started as a subprocess by tests (the stand-in patches ``torch.cuda`
 
     python tests/run_with_exl2_standin.py cli search --model DIR ...   # the exl2opt CLI
     python tests/run_with_exl2_standin.py causality DIR                # JSON: check with ours / the default config
+    python tests/run_with_exl2_standin.py placement DIR TEXT           # JSON: caches in a shared autosplit placement
 """
 
 from __future__ import annotations
@@ -41,6 +42,35 @@ def causality(model_dir: str, ctx: int = 256) -> dict[str, object]:
             "ext_calls": dict(exl2_ext_standin.CALLS)}
 
 
+def placement(model_dir: str, text_path: str) -> dict[str, object]:
+    """Perplexity of a Q4 cache built in an autosplit placement made around an FP16 cache of twice the
+    length (LoadSpec.place_around), then of a Q8 cache in the same placement, then of the Q4 cache after a fresh
+    autosplit load of its own; with what prepare() reported and where the Q4 cache's tensors live."""
+    from optimizer.backends.base import EvalProtocol, LoadSpec
+    from optimizer.backends.exllamav2 import ExLlamaV2Engine
+    from optimizer.sources.local import variant_from_dir
+    from optimizer.vram import Split
+
+    v = variant_from_dir(Path(model_dir))
+    auto = Split(mode="auto", n_devices=2)
+    proto = EvalProtocol(dataset="t", window=128, n_windows=4, prefill=64, score_chunk=32)
+    eng = ExLlamaV2Engine()
+    text = Path(text_path).read_text()
+    out: dict[str, object] = {}
+    for name, spec in (("shared_q4", LoadSpec(variant=v, split=auto, max_seq_len=128, cache="q4", place_around=(256, "fp16"))),
+                       ("shared_q8", LoadSpec(variant=v, split=auto, max_seq_len=256, cache="q8", place_around=(256, "fp16"))),
+                       ("fresh_q4", LoadSpec(variant=v, split=auto, max_seq_len=128, cache="q4"))):
+        info = eng.prepare(spec)
+        toks = eng.tokenize(text)
+        out[name] = {"ppl": eng.perplexity(tokens=toks, protocol=proto), "loaded": info.model_loaded,
+                     "placed_around": list(info.placed_around) if info.placed_around else None,
+                     "rope_len": int(eng.model.config.max_seq_len), "cache_map": sorted(set(map(str, eng.model.cache_map.values()))),
+                     "key_devices": sorted({str(t.device) for t in eng.cache.key_states}),
+                     "staging": sorted(map(str, getattr(eng.cache, "temp_tensors", {})))}
+    eng.close()
+    return out
+
+
 if __name__ == "__main__":
     what, args = sys.argv[1], sys.argv[2:]
     if what == "cli":
@@ -49,5 +79,7 @@ if __name__ == "__main__":
         main(args)
     elif what == "causality":
         print(json.dumps(causality(args[0])))
+    elif what == "placement":
+        print(json.dumps(placement(args[0], args[1])))
     else:
         sys.exit(f"unknown mode {what!r}")

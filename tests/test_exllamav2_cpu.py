@@ -113,3 +113,19 @@ def test_library_default_attention_is_not_causal_and_ours_is(tiny: dict[str, Any
     assert res["ours"]["no_sdpa"] and res["ours"]["passed"]
     assert not res["default"]["passed"] and res["default"]["before"] > 0.1
     assert set(res["ext_calls"]) <= {"stloader_read", "rms_norm", "rope_"}
+
+
+def test_a_cache_built_in_a_shared_autosplit_placement_measures_what_a_fresh_load_does(tiny: dict[str, Any]) -> None:
+    """LoadSpec.place_around with the real exllamav2: load_autosplit around a lazy FP16 cache, then a Q4 and a Q8
+    cache created afterwards land on model.cache_map's devices and measure the same perplexity as a fresh load."""
+    r = _run("placement", str(tiny["model"]), str(tiny["text"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    q4, q8, fresh = res["shared_q4"], res["shared_q8"], res["fresh_q4"]
+    assert q4["loaded"] and q4["placed_around"] == [256, "fp16"] and q4["rope_len"] == 256
+    assert not q8["loaded"] and q8["placed_around"] == [256, "fp16"]  # same placement: only the cache rebuilt
+    assert fresh["loaded"] and fresh["placed_around"] is None and fresh["rope_len"] == 128
+    for got in (q4, q8):
+        assert got["key_devices"] == got["cache_map"] and got["staging"] == got["cache_map"]
+    assert q4["ppl"] == pytest.approx(fresh["ppl"], rel=1e-6)
+    assert q8["ppl"] != q4["ppl"]

@@ -16,7 +16,8 @@ Loading (per :class:`~optimizer.backends.base.LoadSpec`), on exllamav3's own API
     cache is detached (``Cache.detach_from_model``) and its layers freed, the new one attaches itself
     and its layers are allocated on their attention module's device (``CacheLayer.alloc``), exactly
     what ``Attention.load_local`` does during a load. Split loads place layers around the cache, so
-    they reload whenever the cache changes.
+    they reload whenever the cache changes; ``LoadSpec.place_around`` is ignored (the VRAM model does
+    not check a cache in another cache's EXL3 placement), so ``PrepareInfo.placed_around`` stays None.
 
 Perplexity: as for exl2 (:class:`~optimizer.backends.base.EvalProtocol`), through the cache. Per
 window: ``model.prefill(ids[:prefill], params)`` writes the first tokens, then ``model.forward`` of
