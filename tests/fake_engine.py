@@ -65,6 +65,8 @@ class FakeEngine:
     spec: LoadSpec | None = None
     closed: bool = False
     extra_bytes: int = 0  #: added to each device's measured peak (plus FAKE_ENGINE_EXTRA_BYTES)
+    #: ``cache@ctx`` that run out of memory when built in an autosplit placement made around another cache
+    oom_in_shared: set[str] = field(default_factory=set)
 
     def _log(self, what: str, key: str) -> None:
         self.calls.append((what, key))
@@ -84,6 +86,11 @@ class FakeEngine:
             self._log("oom", f"{spec.variant.key}|{spec.cache}|{spec.max_seq_len}")
             raise EngineOOMError("CUDA out of memory (fake)")
         auto = spec.split.mode == "auto"
+        if auto and f"{spec.cache}@{spec.max_seq_len}" in self.oom_in_shared and (
+                spec.placement != (spec.max_seq_len, spec.cache)):
+            self.unload()
+            self._log("oom", f"{spec.variant.key}|{spec.cache}|{spec.max_seq_len}|shared")
+            raise EngineOOMError("CUDA out of memory (fake, in a shared placement)")
         keep = spec.model_key == self.model_key and (not auto or (
             spec.place_around is not None and spec.placement == self.placed and spec.max_seq_len <= spec.placement[0]))
         if not keep:  # autosplit places the layers around a cache: reloaded unless the placement is shared

@@ -106,3 +106,27 @@ def test_guided_autosplit_loads_each_variant_once_and_exhaustive_reloads(variant
     assert res2.n_measured == len(feasible) == sum(1 for what, _ in be2.engine.calls if what == "load")
     ex = open_study(study_name="x", storage_url=None, root=tmp_path / "studies", create=False)
     assert not any(t.user_attrs.get("placement_of") for t in ex.trials)
+
+
+def test_out_of_memory_in_a_shared_placement_falls_back_to_a_load_of_its_own(variants_dir: Path,  # noqa: F811
+                                                                               tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from optimizer.vram import Split
+
+    spec = replace(_spec(variants_dir, vram="0.8GiB"), split=Split(mode="auto", n_devices=2))
+    be = FakeBackend()
+    _run(spec, tmp_path, be, exhaustive=False, gpus=("RTX 4090",))
+    study = open_study(study_name="s", storage_url=None, root=tmp_path / "studies", create=False)
+    shared = next(t.user_attrs for t in study.trials if t.user_attrs.get("placement_of")
+                  and t.user_attrs["placement_of"] != t.user_attrs["config_key"])
+    victim = f"{shared['cache']}@{shared['max_seq_len']}"
+    be2 = FakeBackend()
+    be2.engine.oom_in_shared = {victim}
+    run(spec=spec, study_name="o", backend_factory=lambda v: be2, root=tmp_path / "studies",
+        eval_text=lambda: EvalText(dataset_id="fake:1", text="hello world " * 50), exhaustive=False, gpus=("RTX 4090",))
+    o = open_study(study_name="o", storage_url=None, root=tmp_path / "studies", create=False)
+    got = [t.user_attrs for t in o.trials if t.user_attrs.get("config_key") == shared["config_key"]]
+    assert len(got) == 1 and got[0]["status"] == "measured" and not got[0].get("placement_of")
+    assert any(what == "oom" and k.endswith("|shared") for what, k in be2.engine.calls)
+    assert len([1 for what, _ in be2.engine.calls if what == "load"]) > len([1 for what, _ in be.engine.calls if what == "load"])

@@ -138,7 +138,8 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
     PRUNED with ``status: skipped`` and its ``reason`` (not *done*), and the skip is returned.
     ``place_around`` (autosplit): the configuration whose placement to measure ``cand`` in (the VRAM model
     said its cache fits there); when the engine did so, the trial's ``placement_of`` names that configuration
-    and its measured memory is kept but not used as a check of ``cand``'s own load.
+    and its measured memory is kept but not used as a check of ``cand``'s own load. Out of memory there is not
+    ``cand``'s verdict: it is measured again with a fresh load of its own, whose outcome the trial records.
 
     Raises:
         Exception: an unexpected error (a bug), after failing the trial with ``retry: true``.
@@ -147,50 +148,30 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
     from optuna.trial import TrialState
 
     cfg = cand.config
-    ppl_key = ""
+    keys = {"ppl": ""}  #: the perplexity memo key once known (kept on a trial that fails after it)
     try:
         say("loading")
         engine = _engine_for(cfg.variant, st, factory)
         if cfg.variant.format in st.allocators:  # what the allocator ran with, also on a failed trial
             for k, v in st.allocators[cfg.variant.format].as_record().items():
                 trial.set_user_attr(k, v)
-        t0 = time.perf_counter()
-        load = LoadSpec(
-            variant=cfg.variant, split=cfg.split, max_seq_len=cfg.max_seq_len, cache=cfg.cache,
-            chunk_len=spec.runtime.chunk_len, batch_size=spec.runtime.batch_size, flash_attn=spec.runtime.flash_attn,
-            n_gpu_layers=spec.runtime.n_gpu_layers,
-            place_around=(place_around.max_seq_len, place_around.cache) if place_around is not None else None,
-        )
-        info = engine.prepare(load)
-        st.times.add("load" if info.model_loaded else "cache", time.perf_counter() - t0)
-        st.loads += int(info.model_loaded)
-        st.loaded = load.model_key
-        et = text()
-        st.dataset_id = et.dataset_id
-        proto = replace(spec.eval_protocol, dataset=et.dataset_id).fitted(cfg.max_seq_len)
-        ppl_key = ppl_key_of(cand, spec, et.dataset_id)
-        if ppl_key not in st.ppl:
-            say("perplexity")
-            t0 = time.perf_counter()
-            if cfg.variant.key not in st.tokens:
-                st.tokens[cfg.variant.key] = engine.tokenize(et.text)
-            with on_window(lambda done, total: say(f"perplexity window {done}/{total}")):
-                got = (engine.perplexity(tokens=st.tokens[cfg.variant.key], protocol=proto) if perplexity is None
-                       else perplexity(engine, st.tokens[cfg.variant.key], proto))
-            if not isinstance(got, (int, float)):
-                trial.set_user_attr("status", "skipped")
-                trial.set_user_attr("reason", str(getattr(got, "reason", got)))
-                trial.set_constraint(CONSTRAINT, 0.0)
-                study.tell(trial, state=TrialState.PRUNED)  # no placeholder values: dashboards show measured ones only
-                return got
-            value = float(got)
-            if not math.isfinite(value) or value <= 0:
-                raise EngineError(f"the engine returned an invalid perplexity ({value})")
-            st.ppl[ppl_key] = value
-            st.times.add("perplexity", time.perf_counter() - t0)
-        speed_key = measure_speed(engine, cand, spec=spec, st=st, say=say)
-        mem = engine.memory()
+        try:
+            got = _measure_in(engine, trial, cand, spec=spec, st=st, text=text, say=say, perplexity=perplexity,
+                              place_around=place_around, keys=keys)
+        except EngineOOMError:
+            if place_around is None or place_around.key == cand.key:
+                raise
+            # out of memory in a placement made for another cache says nothing of this one's own load: try that
+            say("out of memory in the shared placement; loading its own")
+            got = _measure_in(engine, trial, cand, spec=spec, st=st, text=text, say=say, perplexity=perplexity,
+                              place_around=None, keys=keys)
+        if not isinstance(got, tuple):
+            study.tell(trial, state=TrialState.PRUNED)  # no placeholder values: dashboards show measured ones only
+            return got
+        info, speed_key, mem = got
+        ppl_key = keys["ppl"]
     except EngineError as e:
+        ppl_key = keys["ppl"]
         reason = "oom" if isinstance(e, EngineOOMError) else (str(e) or type(e).__name__)
         trial.set_user_attr("status", "failed")
         trial.set_user_attr("reason", reason)
@@ -234,3 +215,51 @@ def measure(study: optuna.Study, trial: Any, cand: Candidate, *, spec: SearchSpe
     st.done[cand.key] = dict(base_attrs(cand), **attrs, values=values, constraint=excess)
     st.measured += 1
     return None
+
+
+def _measure_in(engine: Engine, trial: Any, cand: Candidate, *, spec: SearchSpec, st: RunState,
+                text: Callable[[], EvalText], say: Callable[[str], None], perplexity: PerplexityFn | None,
+                place_around: Configuration | None, keys: dict[str, str]) -> Any:
+    """Prepare ``cand`` (in ``place_around``'s autosplit placement when given) and measure what is not memoized:
+    ``(PrepareInfo, speed memo key, memory)``, or the skip ``perplexity`` returned (the trial marked skipped, not told).
+
+    Raises:
+        EngineError: the engine failed (EngineOOMError: out of memory).
+    """
+    cfg = cand.config
+    t0 = time.perf_counter()
+    load = LoadSpec(
+        variant=cfg.variant, split=cfg.split, max_seq_len=cfg.max_seq_len, cache=cfg.cache,
+        chunk_len=spec.runtime.chunk_len, batch_size=spec.runtime.batch_size, flash_attn=spec.runtime.flash_attn,
+        n_gpu_layers=spec.runtime.n_gpu_layers,
+        place_around=(place_around.max_seq_len, place_around.cache) if place_around is not None else None,
+    )
+    info = engine.prepare(load)
+    st.times.add("load" if info.model_loaded else "cache", time.perf_counter() - t0)
+    st.loads += int(info.model_loaded)
+    st.loaded = load.model_key
+    et = text()
+    st.dataset_id = et.dataset_id
+    proto = replace(spec.eval_protocol, dataset=et.dataset_id).fitted(cfg.max_seq_len)
+    ppl_key = keys["ppl"] = ppl_key_of(cand, spec, et.dataset_id)
+    if ppl_key not in st.ppl:
+        say("perplexity")
+        t0 = time.perf_counter()
+        if cfg.variant.key not in st.tokens:
+            st.tokens[cfg.variant.key] = engine.tokenize(et.text)
+        with on_window(lambda done, total: say(f"perplexity window {done}/{total}")):
+            got = (engine.perplexity(tokens=st.tokens[cfg.variant.key], protocol=proto) if perplexity is None
+                   else perplexity(engine, st.tokens[cfg.variant.key], proto))
+        if not isinstance(got, (int, float)):
+            trial.set_user_attr("status", "skipped")
+            trial.set_user_attr("reason", str(getattr(got, "reason", got)))
+            trial.set_constraint(CONSTRAINT, 0.0)
+            return got
+        value = float(got)
+        if not math.isfinite(value) or value <= 0:
+            raise EngineError(f"the engine returned an invalid perplexity ({value})")
+        st.ppl[ppl_key] = value
+        st.times.add("perplexity", time.perf_counter() - t0)
+    speed_key = measure_speed(engine, cand, spec=spec, st=st, say=say)
+    mem = engine.memory()
+    return info, speed_key, mem
