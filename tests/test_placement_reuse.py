@@ -115,3 +115,40 @@ def test_shared_placements_group_each_variant_around_its_roomiest_cache(variant)
     b1 = Budget(per_device=(800 * MIB,), overhead=(0,))
     assert shared_placements([Candidate(config=one, verdict=evaluate(config=one, budget=b1, runtime=RT))],
                              budget=b1, runtime=RT) == {}
+
+
+def test_guided_load_keys_per_format(tmp_path: Path) -> None:
+    """The schedule groups what one load serves: exl2 by shared placement, EXL3 (placed around each cache, not
+    shared) per configuration, GGUF (layers by tensor_split, whatever the cache) per variant and split."""
+    pytest.importorskip("gguf")
+    import json
+
+    from gguf_util import write_tiny_gguf
+    from test_one_front import CFG
+
+    from optimizer.formats import exl3_synth
+    from optimizer.safetensors_header import write_header_only
+    from optimizer.study import SearchSpec, build_space
+    from optimizer.study.guided import Guide
+
+    d3 = tmp_path / "Tiny-exl3-4.0bpw"
+    d3.mkdir()
+    c3 = {**CFG, "quantization_config": exl3_synth.quantization_config(bits=4.0, head_bits=6)}
+    (d3 / "config.json").write_text(json.dumps(c3))
+    write_header_only(d3 / "model.safetensors", exl3_synth.synthesize(c3, bits=4.0, head_bits=6))
+    make_exl2_dir(tmp_path, "tiny-4.0bpw", _big_config(), bits=4.0)
+    write_tiny_gguf(tmp_path / "tiny-f16.gguf", n_embd=128, n_ff=256, context_length=4096)
+    variants = tuple(v for p in (tmp_path / "tiny-4.0bpw", d3, tmp_path / "tiny-f16.gguf") for v in discover_local(p))
+    spec = SearchSpec(variants=variants, budget=Budget(per_device=(8 << 30,), overhead=(0,)),
+                      split=Split(mode="auto", n_devices=2), contexts=(2048, 4096), runtime=RT)
+    feasible = [c for c in build_space(spec) if c.verdict.fits]
+    guide = Guide(feasible, spec)
+    loads: dict[str, set[str]] = {}
+    keys = {it.key for it in guide.schedule.items} | {s.item.key for s in guide.schedule.skipped}
+    for it in [*guide.schedule.items, *(s.item for s in guide.schedule.skipped)]:
+        loads.setdefault(it.key.split(":", 1)[0], set()).add(it.load)
+    assert keys == {c.key for c in feasible} and set(loads) == {"exl2", "exl3", "gguf"}
+    assert len(loads["exl2"]) == 1 and "around=" in next(iter(loads["exl2"]))
+    assert len(loads["gguf"]) == 1 and next(iter(loads["gguf"])).endswith("|auto:2")
+    exl3 = [c.key for c in feasible if c.config.variant.format == "exl3"]
+    assert len(exl3) > 1 and loads["exl3"] == set(exl3)

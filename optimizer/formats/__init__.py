@@ -64,6 +64,9 @@ class FormatRules(Protocol):
     # Optional: ``place_config(variant, *, max_seq_len, cache, split, runtime, budget_per_device,
     # overhead_per_device) -> VramVerdict``; when present ``optimizer.space.evaluate`` uses it instead
     # of ``optimizer.vram.place`` (gguf: llama.cpp's layer split and partial offload).
+    # Optional: ``SPLIT_PLACED_AROUND_CACHE: bool`` (default True): whether a multi-GPU split load places its
+    # layers around the cache (so the engine reloads when the cache changes); False for gguf, whose layers follow
+    # ``tensor_split`` proportions whatever the cache.
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,10 @@ CACHE_MODE_NAMES: tuple[str, ...] = ("f16", "q8_0", "q4_0", "q8_0/q4_0", "q8_0/f
 DEFAULT_OVERHEAD_BYTES = 512 * MIB
 #: n_ubatch llama-cpp-python uses (its default); also the compute-buffer ubatch of the rules.
 DEFAULT_UBATCH = 512
-__all__ = ["FORMAT", "CACHE_MODE_NAMES", "DEFAULT_OVERHEAD_BYTES", "model_of", "default_context",
+#: llama.cpp spreads layers by ``tensor_split`` proportions, not around the KV cache: a split keeps its model
+#: across contexts and caches (``optimizer.backends.llamacpp`` reloads per variant and split only).
+SPLIT_PLACED_AROUND_CACHE = False
+__all__ = ["FORMAT", "CACHE_MODE_NAMES", "DEFAULT_OVERHEAD_BYTES", "SPLIT_PLACED_AROUND_CACHE", "model_of", "default_context",
            "variant_plan", "context_step", "kv_types", "settings_for", "place_config", "tensor_split_of", "kv_type_problem"]
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from optimizer.backends.base import Engine, EvalProtocol
 from optimizer.backends.progress import on_window, window_done
+from optimizer.formats import rules_for
 from optimizer.predict.refit import Observation, SpaceEntry, SpacePredictor
 from optimizer.schedule import Item, Measured, Schedule, Skipped, paired_decision
 from optimizer.space import Configuration
@@ -81,7 +82,7 @@ class Guide:
         """Configurations with the same key share a model load: a variant with its split, and under autosplit
         the placement (a configuration that cannot share one is a load of its own)."""
         cfg = c.config
-        if cfg.split.mode != "auto":
+        if cfg.split.mode != "auto" or not getattr(rules_for(cfg.variant.format), "SPLIT_PLACED_AROUND_CACHE", True):
             return f"{cfg.variant.key}|{cfg.split.label}"
         around = self.placement.get(c.key)
         return f"{cfg.variant.key}|{cfg.split.label}|around={around.max_seq_len}:{around.cache}" if around else c.key
