@@ -13,6 +13,8 @@ earlier benchmark, reproducible) and on all seven. A held-out unit's data never 
   ``mean`` / ``median`` over the format's curves, or ``factorised`` (``beta_f + delta_m`` per curve, one
   ``delta`` per unit shared by its formats, mean ``delta`` = 0: units measured in one format only still inform
   every format's offset). Coverage: the share of points inside the prior's interval (``delta`` +- sigma bits).
+  Also with a whole family held out (Llama 3 and 3.1 of one size, whatever the harness), so a sibling in the pool
+  cannot help.
 * **2 anchors** -- the highest-bpw variant and the one nearest 3.0 bpw of the same curve; scored strictly between
   them. Slopes: pooled over the other units without the cliff-prone Llama-3.1-70B-Instruct (the earlier protocol),
   pooled over all of them, and the rate-distortion slope ``ln 4`` (no fitted constant); plus ``ln ppl`` linear.
@@ -176,12 +178,18 @@ class Lomo:
     rhos: list[float]
 
 
-def lomo(data: PplData) -> Lomo:
+def family(unit: str) -> str:
+    """Units of one model family held out together: Llama 3 and 3.1 of one size (base, instruct, any harness)."""
+    name = unit.removesuffix(" [llama.cpp]").lower().removesuffix("-instruct")
+    return name.replace("llama-3.1-", "llama-3-")
+
+
+def lomo(data: PplData, *, by_family: bool = False) -> Lomo:
     units = data.units
     refs = {u: unit_reference(data, u) for u in units}
     res = Lomo({p: [] for p in POOLS}, {s: [] for s in SIGMAS}, defaultdict(list), [], defaultdict(list), [])
     for held in sorted(units):
-        train = units - {held}
+        train = {u for u in units if (family(u) != family(held) if by_family else u != held)}
         consts = {p: fit_formats(data.curves, train, refs, p) for p in POOLS}
         anchored = {"calm": consts[SHIPPED_POOL], "all": fit_formats(data.curves, train, refs, anchored="all")}
         preds, meas = [], []
@@ -240,11 +248,13 @@ def _med(xs: list[float]) -> str:
 
 def report(data: PplData, title: str) -> dict[str, float]:
     r = lomo(data)
+    fam = lomo(data, by_family=True).e0[SHIPPED_POOL]
     e0 = r.e0[SHIPPED_POOL]
     print(f"Perplexity, leave one unit out: {title}")
     print(f"  0 anchors (ratio to FP16 ref), b>=2.4: n={len(e0):3d} median |error| {_med(e0)}  p90 {100 * pct(e0, 0.9):.1f} %"
           f"   (beta pooled as {SHIPPED_POOL}; median {_med(r.e0['median'])}, factorised {_med(r.e0['factorised'])})")
     print(f"  0 anchors, b>=3.0 only:            n={len(r.e0_3):3d} median |error| {_med(r.e0_3)}")
+    print(f"  0 anchors, leaving out the whole family (Llama 3 and 3.1 of one size together): median |error| {_med(fam)}")
     print("    per unit median |error|: " + ", ".join(f"{u} {_med(v)}" for u, v in sorted(r.per_unit.items())))
     cov = {sg: sum(v) / len(v) for sg, v in r.covered.items()}
     print("    interval (delta +- sigma bits) covers: " + ", ".join(f"sigma {sg}: {100 * c:.0f} %" for sg, c in cov.items())
@@ -258,7 +268,8 @@ def report(data: PplData, title: str) -> dict[str, float]:
               f"  max {100 * max(e2[k]):.1f} %")
     print(f"  rank correlation (Spearman, 0 anchors, all formats of a unit): mean {statistics.mean(r.rhos):.3f}"
           f"  min {min(r.rhos):.3f}")
-    return {"ppl0": statistics.median(e0), "ppl0_3": statistics.median(r.e0_3), "ppl2": statistics.median(e2["ln4"]),
+    return {"ppl0": statistics.median(e0), "ppl0_family": statistics.median(fam), "ppl0_3": statistics.median(r.e0_3),
+            "ppl2": statistics.median(e2["ln4"]),
             "ppl2_fitted": statistics.median(e2["calm"]), "rho": statistics.mean(r.rhos),
             "coverage": cov.get(DELTA_SIGMA, math.nan)}
 

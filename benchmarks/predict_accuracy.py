@@ -29,7 +29,8 @@ from benchmarks.speed_accuracy import speed_report  # noqa: E402
 def main() -> None:
     q = perplexity_report()
     s = speed_report()
-    print(f"\nsummary: ppl_0_anchors={100 * q['ppl0']:.2f}% (b>=3: {100 * q['ppl0_3']:.2f}%) ppl_2_anchors={100 * q['ppl2']:.2f}% "
+    print(f"\nsummary: ppl_0_anchors={100 * q['ppl0']:.2f}% (b>=3: {100 * q['ppl0_3']:.2f}%, family out: "
+          f"{100 * q['ppl0_family']:.2f}%) ppl_2_anchors={100 * q['ppl2']:.2f}% "
           f"(fitted slope {100 * q['ppl2_fitted']:.2f}%) ppl_0_coverage={100 * q['coverage']:.0f}% rank_rho={q['rho']:.3f}\n"
           f"         decode_speed_priors={100 * s['all']:.1f}% "
           f"(excl. host-bound {100 * s['excl_host_bound']:.1f}%, groups within 10%: {s['groups_within']:.0f}/{s['groups']:.0f})")
