@@ -17,8 +17,10 @@ tok/s and context):
     --exhaustive  the same loop measuring every feasible configuration (today's behaviour): time to the front, total
     front oracle  exactly the front's configurations, each variant loaded once (also under autosplit: a cache fits
                   in the placement made around a larger one), each perplexity (20 windows) and speed measured once
-    hand loop     a careful person without the VRAM model: per variant (best first) load once, per cache try
-                  contexts upward until the first OOM, perplexity once per (variant, cache), speed per fill;
+    hand loop     a careful person without the VRAM model: per variant (best first) load once, FP16 cache first,
+                  per cache try contexts upward until the first OOM (a quantized cache only above the context FP16
+                  reached: it is slower and no better, worth it only for context), perplexity once per (variant,
+                  cache), speed per fill;
                   under autosplit a fresh load per cache and context (what ExLlamaV2's loader does: without the
                   VRAM model nobody knows which placement holds which cache)
     TPE+VRAM      Optuna TPE (multivariate) over (variant, cache, ctx), told the VRAM model (infeasible asks and
@@ -62,6 +64,7 @@ from optimizer.schedule import Point, pareto  # noqa: E402
 from optimizer.study import SearchSpec, build_space, run  # noqa: E402
 
 GPU = ("RTX 4090",)
+LOSSLESS = "fp16"  #: exllamav2's lossless cache mode (its other modes are decoded to it every step)
 
 
 def _run(ls: Landscape, spec: SearchSpec, cache_b: dict[str, int], root: Path, *, exhaustive: bool) -> tuple[CostEngine, Any]:
@@ -107,14 +110,19 @@ def hand_loop(cands: list[Any], front: set[str], cache_b: dict[str, int], auto: 
             continue
         if not auto:
             t += load_s(v)
-        for cache in dict.fromkeys(c.config.cache for c in group):
+        lossless_ctx = 0  # a careful user tries a quantized cache only for more context than FP16 holds
+        for cache in sorted(dict.fromkeys(c.config.cache for c in group), key=lambda m: m != LOSSLESS):
             ppl_known, fills = False, set()
             for c in sorted((c for c in group if c.config.cache == cache), key=lambda c: c.config.max_seq_len):
+                if cache != LOSSLESS and c.config.max_seq_len <= lossless_ctx:
+                    continue
                 if auto:
                     t += load_s(v)
                 t += cache_cost(cache_b[c.key])
                 if not c.verdict.fits:
                     break  # first OOM: larger contexts are not tried
+                if cache == LOSSLESS:
+                    lossless_ctx = c.config.max_seq_len
                 if not ppl_known:
                     t += ppl_cost(v)
                     ppl_known = True

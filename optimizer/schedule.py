@@ -16,6 +16,10 @@ Rules, each exact or conservative with respect to the front:
 4. **Paired sequential perplexity** (:func:`paired_decision`): windows are shared between configurations, so the
    per-window difference of log-perplexity against a reference is nearly noise-free; measuring stops once the sign
    is settled (or at the cap).
+5. **Lossy caches only for context** (:meth:`Schedule.record`): where a format's quantized caches are lossy copies
+   decoded to its lossless mode at every step (``Item.lossless``, exllamav2), such a configuration is never faster
+   and not lower in perplexity than the same variant and split with the lossless cache; once that one, holding at
+   least as much context, is measured or skipped as dominated, the lossy one is skipped too.
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ class Item:
     ctx: int
     ppl: Estimate
     tok_s: Estimate
+    #: the ``group`` of the same configuration with the format's lossless cache when this one's cache is a lossy copy
+    #: of it, decoded to it every step (never faster, perplexity not lower); None otherwise
+    lossless: str | None = None
 
     def predicted(self) -> Point:
         return Point(self.ppl.value, self.tok_s.value, self.ctx)
@@ -180,7 +187,16 @@ class Schedule:
     def __post_init__(self) -> None:
         self.items, small = largest_context_only(self.items)
         self.skipped.extend(small)
+        self._index()
+
+    def _index(self) -> None:
         self._by_key = {it.key: it for it in self.items}
+        self._by_group = {it.group: it for it in self.items}  # one item per group after largest_context_only
+
+    def lossless_sibling(self, item: Item) -> Item | None:
+        """The same variant and split with the lossless cache, if it holds at least ``item``'s context."""
+        sib = self._by_group.get(item.lossless) if item.lossless is not None else None
+        return sib if sib is not None and sib is not item and sib.ctx >= item.ctx else None
 
     @property
     def points(self) -> dict[str, Point]:
@@ -205,11 +221,17 @@ class Schedule:
         if not todo:
             return None
         layers = front_layers(todo)
-        rank = {it.key: (layers[it.key], it.ppl.value, -it.tok_s.value) for it in todo}
+        pending = {it.key for it in todo}
+
+        def waits(it: Item) -> int:  # a lossy cache after its lossless sibling, whose result may skip it
+            sib = self.lossless_sibling(it)
+            return int(sib is not None and sib.key in pending)
+
+        rank = {it.key: (waits(it), layers[it.key], it.ppl.value, -it.tok_s.value) for it in todo}
         same = [it for it in todo if it.load == self.loaded]
         if same:
             return min(same, key=lambda it: rank[it.key])
-        best_of: dict[str, tuple[int, float, float]] = {}
+        best_of: dict[str, tuple[int, int, float, float]] = {}
         for it in todo:
             best_of[it.load] = min(best_of.get(it.load, rank[it.key]), rank[it.key])
         load = min(best_of, key=lambda k: best_of[k])
@@ -233,7 +255,7 @@ class Schedule:
             fresh = self.predictor(list(self.measured.values()))
             self.items = [replace(it, ppl=fresh[it.key][0], tok_s=fresh[it.key][1]) if it.key in fresh else it
                           for it in self.items]
-            self._by_key = {it.key: it for it in self.items}
+            self._index()
         new = []
         pts = self.points
         for it in self.pending():
@@ -242,5 +264,32 @@ class Schedule:
                 p = pts[by]
                 new.append(Skipped(it, f"dominated by measured {by} (ppl {p.ppl:.4g}, {p.tok_s:.4g} tok/s, ctx {p.ctx}) "
                                        f"even at its optimistic bound (ppl {it.ppl.low:.4g}, {it.tok_s.high:.4g} tok/s)"))
+        self.skipped.extend(new)
+        return new + self._skip_lossy()
+
+    def skip(self, item: Item, reason: str) -> list[Skipped]:
+        """Skip ``item`` (e.g. settled worse by the paired test); returns it and what that lets us skip with it."""
+        s = Skipped(item, reason)
+        self.skipped.append(s)
+        return [s, *self._skip_lossy()]
+
+    def _skip_lossy(self) -> list[Skipped]:
+        """Skip lossy-cache items whose lossless sibling (with as much context) is measured or dominated: the
+        lossy one is then no faster, not lower in perplexity and holds no more context (module rule 5)."""
+        dominated = {s.item.key: s for s in self.skipped}
+        new = []
+        for it in self.pending():
+            sib = self.lossless_sibling(it)
+            if sib is None:
+                continue
+            if sib.key in self.measured:
+                why = f"measured {sib.key}"
+            elif sib.key in dominated:
+                why = f"{sib.key}, itself skipped ({dominated[sib.key].reason})"
+            else:
+                continue
+            new.append(Skipped(it, f"its cache is a lossy copy of the lossless one decoded every step (never faster, "
+                                   f"perplexity not lower), and the same variant and split with the lossless cache "
+                                   f"holds context {sib.ctx} >= {it.ctx}: {why}"))
         self.skipped.extend(new)
         return new

@@ -118,3 +118,38 @@ def test_threshold_reference_is_the_best_point_that_beats_it_elsewhere() -> None
     s._by_key.update({"p": item("p", 4.9, 60), "q": item("q", 4.5, 70), "r": item("r", 3.0, 10)})
     s.measured.update({"p": Measured("p", 4.9, 60), "q": Measured("q", 4.5, 70), "r": Measured("r", 3.0, 10)})
     assert s.threshold_reference(items[0]) == "q"
+
+
+def _lossy_pair(fp16_ctx: int, q4_ctx: int) -> Schedule:
+    # q4 predicted *better* than fp16 (a poor prior), in one load: the rule, not the prediction, must decide
+    fp16 = Item(key="v|fp16", load="v", group="v|fp16", ctx=fp16_ctx, ppl=E(5.0, 0.1), tok_s=E(40, 0.2))
+    q4 = Item(key="v|q4", load="v", group="v|q4", ctx=q4_ctx, ppl=E(4.9, 0.1), tok_s=E(45, 0.2), lossless="v|fp16")
+    return Schedule([q4, fp16])
+
+
+def test_a_lossy_cache_waits_for_its_lossless_sibling_and_is_skipped_when_it_adds_no_context() -> None:
+    s = _lossy_pair(8192, 8192)
+    first = s.next()
+    assert first is not None and first.key == "v|fp16"  # despite q4's better prediction
+    new = s.record(Measured("v|fp16", 5.0, 40.0))
+    assert [x.item.key for x in new] == ["v|q4"] and "lossy copy" in new[0].reason and "v|fp16" in new[0].reason
+    assert s.next() is None
+
+
+def test_a_lossy_cache_with_more_context_is_measured() -> None:
+    s = _lossy_pair(4096, 8192)
+    assert s.lossless_sibling(s.item("v|q4")) is None
+    s.record(Measured("v|fp16", 5.0, 40.0))
+    nxt = s.next()
+    assert nxt is not None and nxt.key == "v|q4"
+
+
+def test_a_lossy_cache_is_measured_when_its_sibling_fails_and_skipped_when_it_is_dominated() -> None:
+    s = _lossy_pair(8192, 8192)
+    s.drop("v|fp16")  # the fp16 load failed: nothing vouches for q4
+    nxt = s.next()
+    assert nxt is not None and nxt.key == "v|q4"
+    s = _lossy_pair(8192, 8192)
+    new = s.skip(s.item("v|fp16"), "dominated by measured w")
+    assert [x.item.key for x in new] == ["v|fp16", "v|q4"] and "dominated by measured w" in new[1].reason
+    assert s.next() is None

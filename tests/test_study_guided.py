@@ -44,14 +44,23 @@ def test_guided_finds_the_whole_front_with_fewer_measurements(variants_dir: Path
     assert res2.n_measured == len(truth) - len(measured)
 
 
-def test_paired_windows_stop_a_dominated_cache_after_a_few_windows(variants_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def _fp16_q8_spec(variants_dir: Path):  # noqa: F811
     from dataclasses import replace
 
-    # one context, fp16 and q8: q8 is slower and worse (fake landscape), so once fp16 is measured, q8's speed test
-    # shows fp16 is as fast with as much context, and its first windows settle it worse: skipped, not finished
     spec = _spec(variants_dir, vram="4GiB", contexts=(2048,), caches=("fp16", "q8"))
-    spec = replace(spec, eval_protocol=replace(spec.eval_protocol, n_windows=8),
+    return replace(spec, eval_protocol=replace(spec.eval_protocol, n_windows=8),
                    variants=tuple(v for v in spec.variants if v.bits == 4.0))
+
+
+def test_paired_windows_stop_a_dominated_cache_after_a_few_windows(variants_dir: Path, tmp_path: Path,  # noqa: F811
+                                                                    monkeypatch) -> None:
+    from optimizer.formats import exl2_rules
+
+    # one context, fp16 and q8: q8 is slower and worse (fake landscape), so once fp16 is measured, q8's speed test
+    # shows fp16 is as fast with as much context, and its first windows settle it worse: skipped, not finished.
+    # (Without exl2's lossless-cache rule, which would skip q8 unmeasured: the paired test serves every format.)
+    monkeypatch.delattr(exl2_rules, "LOSSLESS_CACHE")
+    spec = _fp16_q8_spec(variants_dir)
     be = FakeBackend()
     text = "hello world " * 200
     res = run(spec=spec, study_name="p", backend_factory=lambda v: be, root=tmp_path / "studies",
@@ -64,6 +73,24 @@ def test_paired_windows_stop_a_dominated_cache_after_a_few_windows(variants_dir:
     ppl_calls = [k for what, k in be.engine.calls if what == "ppl"]
     assert sum(1 for k in ppl_calls if k.endswith("|q8")) == 3  # min_windows, not all 8
     assert sum(1 for k in ppl_calls if k.endswith("|fp16")) == 8
+    assert res.n_measured == 1 and res.n_skipped == 1
+
+
+def test_a_lossy_cache_with_no_more_context_than_fp16_is_never_loaded(variants_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    # exllamav2 decodes Q8 to FP16 every step: with the same context, q8 can only be slower and no better, so once
+    # fp16 is measured it is skipped without a cache build, a speed test or a window
+    spec = _fp16_q8_spec(variants_dir)
+    be = FakeBackend()
+    res = run(spec=spec, study_name="l", backend_factory=lambda v: be, root=tmp_path / "studies",
+              eval_text=lambda: EvalText(dataset_id="fake:2", text="hello world " * 200),
+              exhaustive=False, gpus=("RTX 4090",))
+    study = open_study(study_name="l", storage_url=None, root=tmp_path / "studies", create=False)
+    by_cache = {t.user_attrs["cache"]: t.user_attrs for t in study.trials if t.user_attrs.get("config_key")}
+    assert by_cache["fp16"]["status"] == "measured"
+    q8 = by_cache["q8"]
+    assert q8["status"] == "skipped" and "lossy copy" in q8["reason"] and by_cache["fp16"]["config_key"] in q8["reason"]
+    assert [w for w, k in be.engine.calls if "|q8" in k] == []  # no cache build, speed test or window
+    assert [w for w, k in be.engine.calls if "|fp16" in k].count("ppl") == 8
     assert res.n_measured == 1 and res.n_skipped == 1
 
 

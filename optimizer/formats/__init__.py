@@ -67,6 +67,10 @@ class FormatRules(Protocol):
     # Optional: ``SPLIT_PLACED_AROUND_CACHE: bool`` (default True): whether a multi-GPU split load places its
     # layers around the cache (so the engine reloads when the cache changes); False for gguf, whose layers follow
     # ``tensor_split`` proportions whatever the cache.
+    # Optional: ``LOSSLESS_CACHE: str``: the cache mode every other mode of the format is a lossy copy of, decoded
+    # to it at every step (never faster at the same fill, perplexity not lower): the guided search then skips a
+    # lossy-cache configuration once that mode holds as much context for the same variant and split (exl2 only;
+    # exllamav3 and llama.cpp attend over quantized caches directly, which can be faster).
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,14 @@ from optimizer.vram import MemoryPlan, ModuleTable
 
 FORMAT = "exl2"
 CACHE_MODE_NAMES: tuple[str, ...] = tuple(CACHE_MODES)
-__all__ = ["FORMAT", "CACHE_MODE_NAMES", "DEFAULT_OVERHEAD_BYTES", "arch_of", "default_context", "variant_plan", "context_step"]
+#: The cache mode every other one is a lossy copy of: exllamav2 0.3.2 decodes an FP8 (``cache.py``
+#: ``ExLlamaV2Cache_8bit.get_kv_state``, ``fp8_to_fp16``) or Q4/Q6/Q8 cache (``ExLlamaV2Cache_Q.get_kv_state``,
+#: ``q_to_fp16_kv``) into FP16 staging tensors at every forward and attends over those. At the same fill such a
+#: cache therefore does more work per token than FP16 (never faster) and holds a quantized copy of the same keys and
+#: values (perplexity not lower, beyond noise): it is worth having only for the context it adds.
+LOSSLESS_CACHE = "fp16"
+__all__ = ["FORMAT", "CACHE_MODE_NAMES", "DEFAULT_OVERHEAD_BYTES", "LOSSLESS_CACHE", "arch_of", "default_context",
+           "variant_plan", "context_step"]
 
 
 @lru_cache(maxsize=256)

@@ -46,13 +46,21 @@ class Skip:
     reason: str
 
 
-def _group(c: Candidate, spec: SearchSpec) -> str:
-    """Configurations that share perplexity and speed: same variant, cache, split, speed fill and eval window."""
+def _group(c: Candidate, spec: SearchSpec, cache: str | None = None) -> str:
+    """Configurations that share perplexity and speed: same variant, cache, split, speed fill and eval window
+    (``cache``: the group of the same configuration with that cache instead)."""
     cfg = c.config
     sp = spec.speed_protocol
     fill = max(min(sp.context_fill, cfg.max_seq_len - sp.gen_tokens), 1)
     win = spec.eval_protocol.fitted(cfg.max_seq_len).window
-    return f"{cfg.variant.key}|{cfg.cache}|{cfg.split.label}|fill={fill}|win={win}"
+    return f"{cfg.variant.key}|{cache or cfg.cache}|{cfg.split.label}|fill={fill}|win={win}"
+
+
+def _lossless_group(c: Candidate, spec: SearchSpec) -> str | None:
+    """The group of ``c`` with its format's lossless cache when ``c``'s cache is a lossy copy of it (see
+    ``LOSSLESS_CACHE`` in :mod:`optimizer.formats`), else None."""
+    lossless = getattr(rules_for(c.config.variant.format), "LOSSLESS_CACHE", None)
+    return _group(c, spec, lossless) if lossless and c.config.cache != lossless else None
 
 
 @dataclass
@@ -74,7 +82,8 @@ class Guide:
         #: autosplit: the configuration whose placement each one is measured in (absent: a fresh load of its own)
         self.placement = shared_placements(self.cands, budget=self.spec.budget, runtime=self.spec.runtime)
         items = [Item(key=c.key, load=self._load_key(c), group=_group(c, self.spec),
-                      ctx=c.config.max_seq_len, ppl=first[c.key][0], tok_s=first[c.key][1]) for c in self.cands]
+                      ctx=c.config.max_seq_len, ppl=first[c.key][0], tok_s=first[c.key][1],
+                      lossless=_lossless_group(c, self.spec)) for c in self.cands]
         self.schedule = Schedule(items, predictor=self._refit, margin=self.margin)
         self.reported: set[str] = set()
 
@@ -112,7 +121,7 @@ class Guide:
     def observe(self, cand: Candidate, record: dict[str, Any] | None, skip: Any = None) -> None:
         """After the loop measured, failed or (paired test) skipped ``cand``: refit and prune."""
         if skip is not None:  # the measure step told the trial as skipped already
-            self.schedule.skipped.append(Skipped(self.schedule.item(cand.key), str(getattr(skip, "reason", skip))))
+            self.schedule.skip(self.schedule.item(cand.key), str(getattr(skip, "reason", skip)))
             self.reported.add(cand.key)
         elif record and record.get("status") == "measured" and record.get("values"):
             ppl, tok_s = float(record["values"][0]), float(record["values"][1])
