@@ -111,6 +111,8 @@ def test_a_context_off_the_page_grid_is_unplaced_not_an_error(llama8b: Variant) 
     v = place_config(llama8b, max_seq_len=1000, cache="fp16", split=Split(), runtime=RuntimeOptions(),
                      budget_per_device=(24 * GIB,), overhead_per_device=(400 * MIB,))
     assert not v.placed and not v.fits and "256-token pages" in v.reason
+    # like every format's "cannot load" verdict, each device still shows the overhead it would carry
+    assert [(d.budget, d.overhead) for d in v.devices] == [(24 * GIB, 400 * MIB)]
 
 
 def test_autosplit_is_greedy_and_keeps_the_reserve(llama8b: Variant) -> None:

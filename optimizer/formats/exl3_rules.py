@@ -24,7 +24,7 @@ from optimizer.formats.exl3 import (
 )
 from optimizer.formats.exl3_place import place
 from optimizer.variant import Variant
-from optimizer.vram import DeviceBreakdown, MemoryPlan, ModuleCost, Split, VramVerdict
+from optimizer.vram import MemoryPlan, ModuleCost, Split, VramVerdict, expand_per_device, unplaced
 
 FORMAT = "exl3"
 __all__ = [
@@ -112,23 +112,15 @@ def place_config(
 ) -> VramVerdict:
     """Per-GPU memory of an EXL3 configuration placed as ``Model.load`` places it (bytes)."""
     n = 1 if split.mode == "single" else max(split.n_devices, 1)
-    budgets = _expand(budget_per_device, n)
-    overheads = _expand(overhead_per_device, n)
+    budgets = expand_per_device(budget_per_device, n, "budget per GPU")
+    overheads = expand_per_device(overhead_per_device, n, "overhead per GPU")
     if max_seq_len < PAGE_SIZE or max_seq_len % PAGE_SIZE:  # exllamav3 asserts whole pages: not loadable
-        devs = tuple(DeviceBreakdown(index=i, budget=budgets[i]) for i in range(n))
-        return VramVerdict(devices=devs, placed=False,
-                           reason=f"exllamav3 caches are whole {PAGE_SIZE}-token pages; {max_seq_len} is not a multiple")
+        return unplaced(budgets=budgets, overheads=overheads,
+                        reason=f"exllamav3 caches are whole {PAGE_SIZE}-token pages; {max_seq_len} is not a multiple")
     plan = variant_plan(variant, max_seq_len=max_seq_len, cache=cache, runtime=runtime)
     v = place(plan=plan, split=split, budgets=budgets, overheads=overheads)
     mb = modules_of(variant)
     return VramVerdict(devices=v.devices, placed=v.placed, reason=v.reason,
                        extras={"system_ram": mb.embedding, "not_loaded": mb.not_loaded})
 
-
-def _expand(values: tuple[int, ...], n: int) -> tuple[int, ...]:
-    if len(values) == 1:
-        return tuple(values) * n
-    if len(values) != n:
-        raise ValueError(f"expected 1 or {n} values, got {len(values)}")
-    return tuple(values)
 

@@ -30,7 +30,7 @@ from optimizer.formats.gguf import (
     split_layers,
 )
 from optimizer.variant import Variant
-from optimizer.vram import GIB, MIB, DeviceBreakdown, MemoryPlan, Split, VramVerdict, unplaced
+from optimizer.vram import GIB, MIB, DeviceBreakdown, MemoryPlan, Split, VramVerdict, expand_per_device, unplaced
 
 FORMAT = "gguf"
 #: KV types offered by default (symmetric) plus the usual mixed pairs.
@@ -118,8 +118,8 @@ def place_config(
     unplaced verdict with the reason instead of an error.
     """
     n = 1 if split.mode == "single" else max(split.n_devices, 1)
-    budgets = _expand(budget_per_device, n)
-    overheads = _expand(overhead_per_device, n)
+    budgets = expand_per_device(budget_per_device, n, "budget per GPU")
+    overheads = expand_per_device(overhead_per_device, n, "overhead per GPU")
     m = model_of(variant)
     s = settings_for(max_seq_len=max_seq_len, cache=cache, runtime=runtime)
     problem = kv_type_problem(m, s)
@@ -148,13 +148,6 @@ def tensor_split_of(split: Split) -> tuple[float, ...]:
         return tuple(float(g) for g in split.gpu_split)
     return (1.0,) * max(split.n_devices, 1)
 
-
-def _expand(values: tuple[int, ...], n: int) -> tuple[int, ...]:
-    if len(values) == 1:
-        return tuple(values) * n
-    if len(values) != n:
-        raise BadOptionError(f"expected 1 or {n} per-GPU values, got {len(values)}")
-    return tuple(values)
 
 
 def kv_type_problem(m: GgufModel, s: LlamaSettings) -> str:
