@@ -47,6 +47,10 @@ log-softmax in FP32 (the head's padding columns are -65504, i.e. 0 after softmax
 is clamped to the requested context. Archs with ``requires_bos`` (Gemma family) refuse
 ``add_bos=False``; a protocol that scores nothing is an error, never a perplexity of 1.
 
+The loops (causality check, perplexity windows, speed runs) are
+:mod:`optimizer.backends.torch_measure`'s, shared with exllamav3; this module supplies how ids go
+through exllamav2's model and cache (``_forward``).
+
 Speed: random token ids (seeded) fill the cache to ``context_fill`` with one
 ``preprocess_only`` forward (``prompt_tok_s`` = fill / seconds), then ``gen_tokens`` greedy
 single-token forwards (``gen_tok_s``, argmax on CPU per token, as ``test_inference.py -s``); each
@@ -73,6 +77,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from optimizer.backends import torch_measure
 from optimizer.backends.base import (
     EvalProtocol,
     LoadSpec,
@@ -80,10 +85,10 @@ from optimizer.backends.base import (
     SpeedProtocol,
     SpeedResult,
 )
-from optimizer.backends.causality import CausalityResult, check_causal
-from optimizer.backends.progress import window_done
-from optimizer.backends.torch_engine import TorchDevices, check_torch_cuda, is_oom, one_line
-from optimizer.errors import EngineError, EngineOOMError
+from optimizer.backends.causality import CausalityResult
+from optimizer.backends.torch_engine import TorchDevices, check_torch_cuda
+from optimizer.backends.torch_measure import Forward
+from optimizer.errors import EngineError
 from optimizer.sources.download import local_path
 
 #: cache mode -> exllamav2 class name
@@ -153,14 +158,13 @@ class ExLlamaV2Engine(TorchDevices):
     def prepare(self, spec: LoadSpec) -> PrepareInfo:
         reuse = self._reusable(spec)
         t0 = time.monotonic()
-        err: EngineError | None = None
-        msg, oom = "", False
+        self.spec = None  # until the spec is loaded; nothing below reads it
         if not reuse:
             self.unload()
-            self.spec = None
             # downloads a Hub variant once, at its commit; after unload(), which clears model_dir
             self.model_dir = local_path(spec.variant)
-        try:
+
+        def load() -> None:
             self._drop_cache()
             if not reuse:
                 self._load_model(spec)
@@ -168,19 +172,10 @@ class ExLlamaV2Engine(TorchDevices):
                 self._reset_peaks(spec.split.n_devices)
                 cls = self._cache_class(spec.cache)
                 self.cache = cls(self.model, batch_size=spec.batch_size, max_seq_len=spec.max_seq_len)
-        except EngineError as e:
-            err = e
-        except Exception as e:
-            msg, oom = one_line(e), is_oom(e)
-        if err is not None or msg:
-            # outside the except block: the traceback no longer pins the model and cache tensors
-            self.spec = None
-            self.unload()
-            if err is not None:
-                raise err
-            if oom:
-                raise EngineOOMError(f"out of memory loading {spec.variant.label} ({msg})")
-            raise EngineError(f"exllamav2 failed to load {spec.variant.label}: {msg}")
+
+        label = spec.variant.label
+        self._freeing(load, oom=lambda msg: f"out of memory loading {label} ({msg})",
+                      failed=lambda msg: f"exllamav2 failed to load {label}: {msg}")
         self.spec = spec
         own = spec.split.mode != "auto" or (not reuse and spec.placement == (spec.max_seq_len, spec.cache))
         return PrepareInfo(model_loaded=not reuse, load_seconds=time.monotonic() - t0,
@@ -232,19 +227,26 @@ class ExLlamaV2Engine(TorchDevices):
 
     def check_causality(self) -> CausalityResult:
         """Run :func:`~optimizer.backends.causality.check_causal` on the loaded model and cache."""
-        torch, model, cache = self.torch, self.model, self.cache
+        return torch_measure.check_causality(self._forward())
 
-        def logits_of(ids: Sequence[int], past: int) -> Any:
-            t = torch.tensor([list(ids)], dtype=torch.long)
+    def _forward(self) -> Forward:
+        """The loaded model and cache as the shared measurement loops drive them (exllamav2 tracks the
+        position in ``cache.current_seq_len``, so ``past`` is implied)."""
+        model, cache = self.model, self.cache
+
+        def reset() -> None:
             cache.current_seq_len = 0
-            if past:
-                model.forward(t[:, :past], cache, preprocess_only=True)
-            return model.forward(t[:, past:], cache)[0].float().cpu()
 
-        with torch.inference_mode():
-            res = check_causal(logits_of=logits_of, vocab_size=int(model.config.vocab_size), context=self._context())
-        cache.current_seq_len = 0
-        return res
+        def prefill(ids: Any, past: int) -> None:
+            model.forward(ids, cache, preprocess_only=True)
+
+        def logits(ids: Any, past: int) -> Any:
+            # FP16 logits (1, n, vocab padded to 32); padding columns are -65504, i.e. exactly 0 after
+            # an FP32 softmax, and never the argmax, so they need no slicing
+            return model.forward(ids, cache)
+
+        return Forward(torch=self.torch, context=self._context(), vocab_size=int(model.config.vocab_size),
+                       reset=reset, prefill=prefill, logits=logits, sync=self._sync)
 
     def _drop_cache(self) -> None:
         if self.cache is not None:
@@ -275,26 +277,6 @@ class ExLlamaV2Engine(TorchDevices):
 
     # ----- measurements ----------------------------------------------------------------------
 
-    def _guard(self, what: str, fn: Any) -> Any:
-        if self.model is None or self.cache is None:
-            raise EngineError(f"{what}: no model loaded")
-        label = self.spec.variant.label if self.spec else "?"
-        err: EngineError | None = None
-        msg, oom = "", False
-        try:
-            return fn()
-        except EngineError as e:
-            err = e
-        except Exception as e:
-            msg, oom = one_line(e), is_oom(e)
-        # outside the except block, so the traceback no longer pins logits/cache tensors
-        self.unload()
-        if err is not None:
-            raise err
-        if oom:
-            raise EngineOOMError(f"out of memory during {what} of {label}")
-        raise EngineError(f"{what} of {label} failed: {msg}")
-
     def tokenize(self, text: str) -> Sequence[int]:
         if self.tokenizer is None:
             raise EngineError("no model loaded")
@@ -302,13 +284,10 @@ class ExLlamaV2Engine(TorchDevices):
         return [int(x) for x in ids[0].tolist()]
 
     def perplexity(self, *, tokens: Sequence[int], protocol: EvalProtocol) -> float:
-        return float(self._guard("perplexity", lambda: self._perplexity(tokens, protocol)))
+        return self._guard("perplexity", lambda: self._perplexity(tokens, protocol))
 
     def _perplexity(self, tokens: Sequence[int], protocol: EvalProtocol) -> float:
-        import math
-
-        torch, model, cache = self.torch, self.model, self.cache
-        lm = getattr(getattr(model.config, "arch", None), "lm", None)
+        lm = getattr(getattr(self.model.config, "arch", None), "lm", None)
         if getattr(lm, "requires_bos", False) and not protocol.add_bos:
             raise EngineError("this architecture is incoherent without BOS (exllamav2 requires_bos); "
                               "measure it with BOS")
@@ -317,68 +296,11 @@ class ExLlamaV2Engine(TorchDevices):
         if not self.causality.passed:
             raise EngineError(f"refusing to measure perplexity: exllamav2 does not attend causally here ({self.causality.line()}); "
                               "install flash-attn or report this setup")
-        window = min(protocol.window, self._context())
-        prefill = min(protocol.prefill, window // 2) if protocol.window > window else protocol.prefill
-        if prefill >= window - 1:
-            raise EngineError(f"nothing to score: prefill {prefill} leaves no scored token in a {window}-token window")
-        n = min(protocol.n_windows, len(tokens) // window)
-        if n < 1:
-            raise EngineError(f"evaluation text too short: {len(tokens)} tokens for one {window}-token window")
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        nll, count = 0.0, 0
-        with torch.inference_mode():
-            for i in range(n):
-                ids = list(tokens[i * window:(i + 1) * window])
-                if protocol.add_bos and bos is not None:
-                    ids[0] = int(bos)
-                t = torch.tensor(ids, dtype=torch.long).unsqueeze(0)
-                cache.current_seq_len = 0
-                if prefill > 0:
-                    model.forward(t[:, :prefill], cache, preprocess_only=True)
-                pos = prefill
-                while pos < window:
-                    end = min(pos + protocol.score_chunk, window)
-                    # FP16 logits (1, end - pos, vocab padded to 32); padding columns are -65504,
-                    # i.e. exactly 0 after an FP32 softmax, so they need no slicing
-                    logits = model.forward(t[:, pos:end], cache).float()
-                    targets = t[:, pos + 1:end + 1].to(logits.device)
-                    lp = torch.log_softmax(logits[:, :targets.shape[1]], dim=-1)
-                    nll -= float(lp.gather(-1, targets.unsqueeze(-1)).sum())
-                    count += int(targets.numel())
-                    pos = end
-                window_done(i + 1, n)
-        return math.exp(nll / count)
+        return torch_measure.perplexity(self._forward(), tokens=tokens, protocol=protocol,
+                                        bos=getattr(self.tokenizer, "bos_token_id", None))
 
     def speed(self, *, protocol: SpeedProtocol) -> SpeedResult:
-        return self._guard("speed test", lambda: self._speed(protocol))  # type: ignore[no-any-return]
-
-    def _speed(self, protocol: SpeedProtocol) -> SpeedResult:
-        torch, model, cache = self.torch, self.model, self.cache
-        fill = max(min(protocol.context_fill, self._context() - protocol.gen_tokens), 1)
-        vocab = int(model.config.vocab_size)
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab, (1, fill), generator=g, dtype=torch.long)
-        with torch.inference_mode():
-            for _ in range(protocol.warmup):
-                cache.current_seq_len = 0
-                model.forward(ids[:, :min(fill, 256)], cache, preprocess_only=True)
-                model.forward(ids[:, -1:], cache)
-            prompt_s, gen_s = [], []
-            for _ in range(max(1, protocol.repeats)):
-                cache.current_seq_len = 0
-                self._sync()
-                t0 = time.perf_counter()
-                model.forward(ids, cache, preprocess_only=True)
-                self._sync()
-                prompt_s.append(time.perf_counter() - t0)
-                tok = ids[:, -1:]
-                t0 = time.perf_counter()
-                for _ in range(protocol.gen_tokens):
-                    logits = model.forward(tok, cache)
-                    tok = logits[:, -1, :].argmax(dim=-1, keepdim=True).cpu()
-                self._sync()
-                gen_s.append(time.perf_counter() - t0)
-        return SpeedResult.of_runs(prompt_s=prompt_s, gen_s=gen_s, context_fill=fill, gen_tokens=protocol.gen_tokens)
+        return self._guard("speed test", lambda: torch_measure.speed(self._forward(), protocol=protocol))
 
 
 class ExLlamaV2Backend:

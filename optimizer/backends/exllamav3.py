@@ -24,6 +24,9 @@ window: ``model.prefill(ids[:prefill], params)`` writes the first tokens, then `
 ``score_chunk``-token chunks with ``params = {"attn_mode": "flash_attn", "cache": cache, "past_len": p,
 "batch_shape": (1, S)}``; logits are cut to the real vocabulary and log-softmaxed in FP32.
 
+The loops (perplexity windows, speed runs) are :mod:`optimizer.backends.torch_measure`'s, shared with
+exllamav2; this module supplies how ids go through exllamav3's model and cache (``_forward``).
+
 Speed: seeded random ids; ``model.prefill`` of ``context_fill`` tokens (prompt tokens/s), then
 ``gen_tokens`` greedy single-token ``model.forward`` calls (argmax on CPU each step), timed between
 ``torch.cuda.synchronize`` of every used device after ``warmup`` untimed passes.
@@ -35,15 +38,15 @@ is allocated inside it); "Insufficient VRAM in split" counts as out of memory.
 from __future__ import annotations
 
 import gc
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from optimizer.backends import torch_measure
 from optimizer.backends.base import EvalProtocol, LoadSpec, PrepareInfo, SpeedProtocol, SpeedResult
-from optimizer.backends.progress import window_done
-from optimizer.backends.torch_engine import TorchDevices, check_torch_cuda, is_oom, one_line
-from optimizer.errors import EngineError, EngineOOMError
+from optimizer.backends.torch_engine import TorchDevices, check_torch_cuda
+from optimizer.backends.torch_measure import Forward
+from optimizer.errors import EngineError
 from optimizer.formats.exl3 import cache_mode
 from optimizer.sources.download import local_path
 from optimizer.vram import GIB
@@ -52,10 +55,6 @@ INSTALL_HINT = "pip install 'exl2opt[exl3]' with a CUDA build of torch (exllamav
 
 #: ``reserve_per_device`` (GiB) for visible GPUs beyond the planned ones: exllamav3 skips negative reserves.
 _EXCLUDE = -1.0
-
-
-
-
 
 
 class ExLlamaV3Engine(TorchDevices):
@@ -94,29 +93,14 @@ class ExLlamaV3Engine(TorchDevices):
         cache_mode(spec.cache)  # a bad mode is a usage error before anything is freed
         reuse = self._reusable(spec)
         t0 = time.monotonic()
-        msg, oom = "", False
-        err: EngineError | None = None
+        self.spec = None  # until the spec is loaded (a fresh load rebuilds the tokenizer: _load sees no spec)
         if not reuse:
             self.unload()
-            self.spec = None
             self.model_dir = local_path(spec.variant)
-        try:
-            if reuse:
-                self._swap_cache(spec)
-            else:
-                self._load(spec)
-        except EngineError as e:
-            err = e
-        except Exception as e:
-            msg, oom = one_line(e), is_oom(e)
-        if err is not None or msg:
-            self.spec = None
-            self.unload()  # outside the except block: the traceback no longer pins tensors
-            if err is not None:
-                raise err
-            if oom:
-                raise EngineOOMError(f"out of memory loading {spec.variant.label} ({msg})")
-            raise EngineError(f"exllamav3 failed to load {spec.variant.label}: {msg}")
+        label = spec.variant.label
+        self._freeing(lambda: self._swap_cache(spec) if reuse else self._load(spec),
+                      oom=lambda msg: f"out of memory loading {label} ({msg})",
+                      failed=lambda msg: f"exllamav3 failed to load {label}: {msg}")
         self.spec = spec
         return PrepareInfo(model_loaded=not reuse, load_seconds=time.monotonic() - t0)
 
@@ -185,28 +169,23 @@ class ExLlamaV3Engine(TorchDevices):
 
     # ----- measurements ----------------------------------------------------------------------
 
-    def _guard(self, what: str, fn: Any) -> Any:
-        if self.model is None or self.cache is None:
-            raise EngineError(f"{what}: no model loaded")
-        label = self.spec.variant.label if self.spec else "?"
-        msg, oom = "", False
-        err: EngineError | None = None
-        try:
-            return fn()
-        except EngineError as e:
-            err = e
-        except Exception as e:
-            msg, oom = one_line(e), is_oom(e)
-        self.unload()
-        if err is not None:
-            raise err
-        if oom:
-            raise EngineOOMError(f"out of memory during {what} of {label}")
-        raise EngineError(f"{what} of {label} failed: {msg}")
-
     def _params(self, past: int) -> dict[str, Any]:
         return {"attn_mode": "flash_attn", "cache": self.cache, "past_len": past,
                 "batch_shape": (1, int(self.cache.max_num_tokens))}
+
+    def _forward(self) -> Forward:
+        """The loaded model and cache as the shared measurement loops drive them (every call names its
+        ``past_len``, so there is nothing to reset); logits are cut to the real vocabulary."""
+        model, vocab = self.model, int(self.config.vocab_size)
+
+        def prefill(ids: Any, past: int) -> None:
+            model.prefill(ids, self._params(past))
+
+        def logits(ids: Any, past: int) -> Any:
+            return model.forward(ids, self._params(past))[..., :vocab]
+
+        return Forward(torch=self.torch, context=int(self.cache.max_num_tokens), vocab_size=vocab,
+                       reset=lambda: None, prefill=prefill, logits=logits, sync=self._sync)
 
     def tokenize(self, text: str) -> Sequence[int]:
         if self.tokenizer is None:
@@ -214,67 +193,12 @@ class ExLlamaV3Engine(TorchDevices):
         return [int(x) for x in self.tokenizer.encode(text, add_bos=False)[0].tolist()]
 
     def perplexity(self, *, tokens: Sequence[int], protocol: EvalProtocol) -> float:
-        return float(self._guard("perplexity", lambda: self._perplexity(tokens, protocol)))
-
-    def _perplexity(self, tokens: Sequence[int], protocol: EvalProtocol) -> float:
-        torch, model = self.torch, self.model
-        p = protocol.fitted(int(self.cache.max_num_tokens))
-        window, prefill = p.window, p.prefill
-        if prefill >= window - 1:
-            raise EngineError(f"nothing to score: prefill {prefill} leaves no scored token in a {window}-token window")
-        n = min(p.n_windows, len(tokens) // window)
-        if n < 1:
-            raise EngineError(f"evaluation text too short: {len(tokens)} tokens for one {window}-token window")
-        vocab = int(self.config.vocab_size)
         bos = getattr(self.tokenizer, "bos_token_id", None)
-        nll, count = 0.0, 0
-        with torch.inference_mode():
-            for i in range(n):
-                ids = list(tokens[i * window:(i + 1) * window])
-                if p.add_bos and bos is not None:
-                    ids[0] = int(bos)
-                t = torch.tensor([ids], dtype=torch.long)
-                if prefill > 0:
-                    model.prefill(t[:, :prefill], self._params(0))
-                pos = prefill
-                while pos < window:
-                    end = min(pos + p.score_chunk, window)
-                    logits = model.forward(t[:, pos:end], self._params(pos))[..., :vocab].float()
-                    targets = t[:, pos + 1:end + 1].to(logits.device)
-                    lp = torch.log_softmax(logits[:, :targets.shape[1]], dim=-1)
-                    nll -= float(lp.gather(-1, targets.unsqueeze(-1)).sum())
-                    count += int(targets.numel())
-                    pos = end
-                window_done(i + 1, n)
-        return math.exp(nll / count)
+        return self._guard("perplexity", lambda: torch_measure.perplexity(self._forward(), tokens=tokens,
+                                                                          protocol=protocol, bos=bos))
 
     def speed(self, *, protocol: SpeedProtocol) -> SpeedResult:
-        return self._guard("speed test", lambda: self._speed(protocol))  # type: ignore[no-any-return]
-
-    def _speed(self, protocol: SpeedProtocol) -> SpeedResult:
-        torch, model = self.torch, self.model
-        fill = max(min(protocol.context_fill, int(self.cache.max_num_tokens) - protocol.gen_tokens), 1)
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, int(self.config.vocab_size), (1, fill), generator=g, dtype=torch.long)
-        with torch.inference_mode():
-            for _ in range(protocol.warmup):
-                model.prefill(ids[:, :min(fill, 256)], self._params(0))
-                model.forward(ids[:, -1:], self._params(min(fill, 256)))
-            prompt_s, gen_s = [], []
-            for _ in range(max(1, protocol.repeats)):
-                self._sync()
-                t0 = time.perf_counter()
-                model.prefill(ids, self._params(0))
-                self._sync()
-                prompt_s.append(time.perf_counter() - t0)
-                tok = ids[:, -1:]
-                t0 = time.perf_counter()
-                for k in range(protocol.gen_tokens):
-                    logits = model.forward(tok, self._params(fill + k))
-                    tok = logits[:, -1, :int(self.config.vocab_size)].argmax(dim=-1, keepdim=True).cpu()
-                self._sync()
-                gen_s.append(time.perf_counter() - t0)
-        return SpeedResult.of_runs(prompt_s=prompt_s, gen_s=gen_s, context_fill=fill, gen_tokens=protocol.gen_tokens)
+        return self._guard("speed test", lambda: torch_measure.speed(self._forward(), protocol=protocol))
 
 
 class ExLlamaV3Backend:

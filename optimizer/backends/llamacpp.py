@@ -37,6 +37,7 @@ from optimizer.backends.base import (
     SpeedResult,
 )
 from optimizer.backends.progress import window_done
+from optimizer.backends.timing import timed_runs
 from optimizer.errors import BackendUnavailableError, EngineError, EngineOOMError
 from optimizer.formats import RuntimeOptions
 from optimizer.formats.gguf import GGML_TYPE_IDS, LlamaSettings
@@ -390,17 +391,14 @@ class LlamaCppEngine:
             self._clear()
             self._decode(prompt[:min(fill, 256)], 0, False)
         gen = [rng.randrange(n_vocab) for _ in range(protocol.gen_tokens)]
-        prompt_s, gen_s = [], []
-        for _ in range(max(1, protocol.repeats)):
-            self._clear()
-            t0 = time.perf_counter()
-            self._decode(prompt, 0, False)
-            prompt_s.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+
+        def generate() -> None:
             for i, tok in enumerate(gen):
                 self._decode([tok], fill + i, True)
-            gen_s.append(time.perf_counter() - t0)
-        return SpeedResult.of_runs(prompt_s=prompt_s, gen_s=gen_s, context_fill=fill, gen_tokens=protocol.gen_tokens)
+
+        # every decode ends with llama_synchronize, so the runs need no device sync of their own
+        return timed_runs(protocol=protocol, context_fill=fill, reset=self._clear,
+                          prompt=lambda: self._decode(prompt, 0, False), generate=generate)
 
     def buffers(self) -> LlamaBuffers:
         """The buffers llama.cpp logged for the current model and context (MiB, by buffer name)."""

@@ -1,14 +1,19 @@
-"""What the PyTorch-based engines (exllamav2, exllamav3) share: CUDA device bookkeeping and error text.
+"""What the PyTorch-based engines (exllamav2, exllamav3) share: CUDA device bookkeeping, error text and
+the rule that a failed load or measurement frees the GPU and becomes one line (their measurement loops
+are :mod:`optimizer.backends.torch_measure`).
 
 No heavy import at module level: the engine passes in its own ``torch`` module.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from optimizer.backends.base import DeviceMemory, LoadSpec
-from optimizer.errors import BackendUnavailableError
+from optimizer.errors import BackendUnavailableError, EngineError, EngineOOMError
+
+T = TypeVar("T")
 
 
 def one_line(e: BaseException) -> str:
@@ -40,14 +45,47 @@ def check_torch_cuda(*, engine: str, module: str, hint: str) -> None:
 
 
 class TorchDevices:
-    """Per-device peaks, synchronisation and memory readings over the GPUs a loaded spec uses.
+    """Per-device peaks, synchronisation and memory readings over the GPUs a loaded spec uses, and the
+    failure handling of loads and measurements.
 
-    Subclasses set ``self.torch`` (the torch module) and ``self.spec`` (the loaded :class:`LoadSpec`
-    or None). Memory figures are bytes.
+    Subclasses set ``self.torch`` (the torch module), ``self.spec`` (the loaded :class:`LoadSpec`
+    or None), ``self.model`` and ``self.cache`` (None when not loaded), and define ``unload()``.
+    Memory figures are bytes.
     """
 
     torch: Any
     spec: LoadSpec | None
+    model: Any
+    cache: Any
+
+    def unload(self) -> None:
+        raise NotImplementedError
+
+    def _freeing(self, fn: Callable[[], T], *, oom: Callable[[str], str], failed: Callable[[str], str]) -> T:
+        """``fn()``; when it raises, :meth:`unload` and raise one line: an :class:`EngineError` as it
+        is, an out-of-memory failure as ``EngineOOMError(oom(line))``, anything else as
+        ``EngineError(failed(line))`` (``line``: :func:`one_line` of the exception). The engine unloads
+        outside the ``except`` block, so the traceback no longer pins the model and cache tensors."""
+        err: EngineError | None = None
+        msg, out_of_memory = "", False
+        try:
+            return fn()
+        except EngineError as e:
+            err = e
+        except Exception as e:
+            msg, out_of_memory = one_line(e), is_oom(e)
+        self.unload()
+        if err is not None:
+            raise err
+        raise EngineOOMError(oom(msg)) if out_of_memory else EngineError(failed(msg))
+
+    def _guard(self, what: str, fn: Callable[[], T]) -> T:
+        """Run measurement ``what`` of the loaded model and cache under :meth:`_freeing`."""
+        if self.model is None or self.cache is None:
+            raise EngineError(f"{what}: no model loaded")
+        label = self.spec.variant.label if self.spec else "?"
+        return self._freeing(fn, oom=lambda _: f"out of memory during {what} of {label}",
+                             failed=lambda msg: f"{what} of {label} failed: {msg}")
 
     def _devices(self, n: int) -> range:
         return range(min(max(n, 1), self.torch.cuda.device_count()))
