@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from optimizer.predict.estimate import Estimate
@@ -213,15 +213,17 @@ class Schedule:
         """Take ``key`` out of the schedule without a result (failed, or measured elsewhere)."""
         self.dropped.add(key)
 
-    def next(self) -> Item | None:
+    def next(self, exclude: Collection[str] = ()) -> Item | None:
         """The next configuration to measure: the loaded variant's first (a reload costs more than a measurement),
         then the variant whose best pending configuration has the best predicted front layer (ties: lower
-        predicted perplexity)."""
-        todo = self.pending()
+        predicted perplexity). ``exclude``: pending keys not to take now (being measured by another worker); a
+        lossy cache still waits for its excluded lossless sibling."""
+        left = self.pending()
+        pending = {it.key for it in left}
+        todo = [it for it in left if it.key not in exclude]
         if not todo:
             return None
         layers = front_layers(todo)
-        pending = {it.key for it in todo}
 
         def waits(it: Item) -> int:  # a lossy cache after its lossless sibling, whose result may skip it
             sib = self.lossless_sibling(it)
@@ -247,10 +249,12 @@ class Schedule:
         refs = [k for k, p in pts.items() if k != item.key and p.tok_s >= speed and p.ctx >= opt.ctx]
         return min(refs, key=lambda k: pts[k].ppl) if refs else None
 
-    def record(self, m: Measured) -> list[Skipped]:
-        """Store a measurement, refit the predictions, prune; returns what this measurement let us skip."""
+    def record(self, m: Measured, *, own: bool = True) -> list[Skipped]:
+        """Store a measurement, refit the predictions, prune; returns what this measurement let us skip.
+        ``own`` False: another worker measured it (its load is not the one loaded here)."""
         self.measured[m.key] = m
-        self.loaded = self._by_key[m.key].load if m.key in self._by_key else self.loaded
+        if own and m.key in self._by_key:
+            self.loaded = self._by_key[m.key].load
         if self.predictor is not None:
             fresh = self.predictor(list(self.measured.values()))
             self.items = [replace(it, ppl=fresh[it.key][0], tok_s=fresh[it.key][1]) if it.key in fresh else it

@@ -55,10 +55,11 @@ def _env(log: Path, delay: float, **extra: str) -> dict[str, str]:
 
 
 def _worker_cmd(*, study: str, root: Path, storage: str | None, model_args: list[str], eval_file: Path,
-                heartbeat: int = 1, grace: int = 3) -> list[str]:
+                heartbeat: int = 1, grace: int = 3, exhaustive: bool = True) -> list[str]:
+    """A worker command; ``exhaustive`` (these tests count measurements): measure every configuration."""
     cmd = [sys.executable, "-m", "optimizer", "worker", "--study", study, "--root", str(root),
            "--eval-data", str(eval_file), "--backend-factory", "fake_engine:fake_backend_factory",
-           "--heartbeat", str(heartbeat), "--grace", str(grace), "--poll", "0.3"]
+           "--heartbeat", str(heartbeat), "--grace", str(grace), "--poll", "0.3"] + (["--exhaustive"] * exhaustive)
     if storage:
         cmd += ["--storage", storage]
     return cmd + model_args

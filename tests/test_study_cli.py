@@ -22,7 +22,7 @@ from printed import argv_of, printed_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-SEARCH_ONLY = {"--sampler", "--seed", "--no-report", "--exhaustive", "--predict-only", "--gpu"}
+SEARCH_ONLY = {"--sampler", "--seed", "--no-report", "--predict-only"}
 WORKER_ONLY = {"--heartbeat", "--grace", "--max-retry", "--poll"}
 N_CONFIGS = 6  # 3 variants x 2 cache modes x 1 context
 

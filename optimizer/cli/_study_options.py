@@ -82,6 +82,10 @@ class StudyArgs:
     root: Path = _opt(typer.Option(
         Path("studies"), "--studies-dir", "--root", help="Directory holding study folders and reports."))
     backend_factory: Optional[str] = _opt(typer.Option(None, "--backend-factory", hidden=True))
+    exhaustive: bool = _opt(typer.Option(
+        False, "--exhaustive", help="Measure every feasible configuration (default: only those that can reach the "
+        "front; the others are stored as skipped, with predictions and the reason)."))
+    gpu: Optional[str] = _opt(pr.GpuOpt)
 
     def check(self) -> None:
         """Ranges the options must respect (one clear line each)."""
@@ -112,13 +116,9 @@ class SearchArgs:
         "when it fits --n-trials, else TPE. A forced sampler measures every feasible configuration (as --exhaustive)."))
     seed: int = _opt(typer.Option(0, "--seed", callback=c.in_range("--seed", 0, 2**32 - 1), help="Sampler seed."))
     no_report: bool = _opt(typer.Option(False, "--no-report", help="Do not write reports at the end."))
-    exhaustive: bool = _opt(typer.Option(
-        False, "--exhaustive", help="Measure every feasible configuration (default: only those that can reach the "
-        "front; the others are stored as skipped, with predictions)."))
     predict_only: bool = _opt(typer.Option(
         False, "--predict-only", help="No GPU, no download: write trials.csv, pareto.csv and a plot of the "
         "predicted front (source=predicted, with intervals) and stop."))
-    gpu: Optional[str] = _opt(pr.GpuOpt)
 
 
 @dataclass(frozen=True)
@@ -280,4 +280,8 @@ def carried(args: StudyArgs) -> list[str]:
         out += ["--backend-factory", args.backend_factory]
     if args.offline:
         out.append("--offline")
+    if args.exhaustive:
+        out.append("--exhaustive")
+    if args.gpu:
+        out += ["--gpu", args.gpu]
     return out

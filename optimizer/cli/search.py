@@ -42,7 +42,7 @@ def search(args: StudyArgs, own: SearchArgs) -> None:
         raise BadOptionError("give --model and --vram (or --study NAME to resume a study)")
     study_dir(study=name, root=args.root)  # an invalid --study name: one line before the progress bar starts
     spec = study_spec(args, name=name)
-    gpu_names = pr.resolve_gpus(own.gpu)
+    gpu_names = pr.resolve_gpus(args.gpu)
     if own.predict_only:
         pr.write_predicted_front(spec=spec, out_dir=study_dir(study=name, root=args.root), gpus=gpu_names)
         return
@@ -55,8 +55,7 @@ def search(args: StudyArgs, own: SearchArgs) -> None:
         print(safe(overhead_line(overhead=spec.budget.overhead, note=spec.budget.overhead_note,
                                  formats=[v.format for v in spec.variants])))
     extra = carried(args) + (["--sampler", own.sampler] if own.sampler != "auto" else []) + \
-        (["--seed", str(own.seed)] if own.seed != 0 else []) + (["--exhaustive"] if own.exhaustive else []) + \
-        (["--gpu", own.gpu] if own.gpu else [])
+        (["--seed", str(own.seed)] if own.seed != 0 else [])
     resume = printed("search", study=name, root=args.root, storage_url=args.storage, extra=extra)
     report_cmd = printed("report", study=name, root=args.root, storage_url=args.storage)
     try:
@@ -65,7 +64,7 @@ def search(args: StudyArgs, own: SearchArgs) -> None:
             res = run(spec=spec, study_name=name, backend_factory=factory,
                       eval_text=lambda: load_eval_text(path=args.eval_data), storage_url=args.storage, root=args.root,
                       n_trials=args.n_trials, timeout=args.timeout, sampler=own.sampler, seed=own.seed, progress=prog,
-                      exhaustive=own.exhaustive or own.sampler != "auto", gpus=gpu_names)
+                      exhaustive=args.exhaustive or own.sampler != "auto", gpus=gpu_names)
     except KeyboardInterrupt:
         raise RunInterrupted(interrupted(resume=resume)) from None
     except StudyBusyError as e:

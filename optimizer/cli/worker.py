@@ -18,6 +18,7 @@ from optimizer.errors import BadOptionError
 @study_command(app, name="worker", own=WorkerArgs)
 def worker(args: StudyArgs, own: WorkerArgs) -> None:
     """Join a study (create it with --model and --vram) and measure configurations until none is left."""
+    from optimizer.cli._predict import resolve_gpus
     from optimizer.cli._study_options import backend_factory_for, carried, study_spec
     from optimizer.errors import RunInterrupted
     from optimizer.evaldata import load_eval_text
@@ -34,6 +35,7 @@ def worker(args: StudyArgs, own: WorkerArgs) -> None:
     if name is None:
         raise BadOptionError("give --study NAME (the same on every worker), or --model and --vram to create a study")
     spec = study_spec(args, name=name)
+    gpu_names = resolve_gpus(args.gpu)
     factory = backend_factory_for(args, spec)
     options = WorkerOptions(heartbeat_interval=own.heartbeat, grace_period=own.grace, max_retry=own.max_retry,
                             poll_s=own.poll)
@@ -47,11 +49,14 @@ def worker(args: StudyArgs, own: WorkerArgs) -> None:
     try:
         res = run_worker(spec=spec, study_name=name, backend_factory=factory,
                          eval_text=lambda: load_eval_text(path=args.eval_data), storage_url=args.storage,
-                         root=args.root, n_trials=args.n_trials, timeout=args.timeout, options=options, log=log)
+                         root=args.root, n_trials=args.n_trials, timeout=args.timeout, options=options, log=log,
+                         exhaustive=args.exhaustive, gpus=gpu_names)
     except KeyboardInterrupt:
         raise RunInterrupted(interrupted(resume=resume)) from None
+    skipped = "" if args.exhaustive else f", {res.n_skipped} skipped (dominated)"
     print(safe(f"worker {me}: measured {res.n_measured} configuration(s) here; study {name!r}: "
-               f"{res.n_feasible} feasible, {res.n_failed} failed, stop: {res.stop_reason}"))
+               f"{res.n_feasible} feasible, {res.study.measured} measured{skipped}, {res.n_failed} failed, "
+               f"stop: {res.stop_reason}"))
     for line in ending(res, resume=resume, report=report_cmd):
         print(safe(line))
     print(safe(f"Report: {report_cmd}"))

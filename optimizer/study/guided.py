@@ -17,7 +17,7 @@ load in the schedule, as a single GPU's or a manual split's configurations do. `
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import optuna
 
 SKIPPED = "skipped"
+#: Trial user attribute: the measured configuration's per-window negative log-likelihoods (nats, in window order),
+#: so another worker (or a later run) can use it as the reference of the paired perplexity test.
+WINDOWS_ATTR = "ppl_window_nll"
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,26 @@ class Guide:
     def _refit(self, ms: Sequence[Measured]) -> Any:
         return self.predictor.refit([Observation(m.key, m.ppl, m.tok_s) for m in ms])
 
+    def claim(self, busy: Collection[str]) -> Candidate | None:
+        """The next configuration to measure, without ``busy`` (keys measured elsewhere now; they stay pending, so
+        a retry after a failure there is still scheduled). A lossy cache whose lossless sibling is busy waits for
+        its result (None). Used by the workers (:mod:`optimizer.study.guided_shared`)."""
+        hold = set(busy)
+        pending = self.schedule.pending()
+        keys = {it.key for it in pending}
+        for it in pending:
+            sib = self.schedule.lossless_sibling(it)
+            if sib is not None and sib.key in busy and sib.key in keys:
+                hold.add(it.key)
+        nxt = self.schedule.next(exclude=hold)
+        return self.by_key[nxt.key] if nxt is not None else None
+
+    def adopt(self, key: str, reason: str) -> None:
+        """Another worker stored ``key`` as skipped: skip it here too (already reported, never written again)."""
+        if key in {it.key for it in self.schedule.pending()}:
+            self.schedule.skip(self.schedule.item(key), reason)
+        self.reported.add(key)
+
     def next(self, free: Sequence[Candidate]) -> Candidate | None:
         """The next configuration to measure among ``free`` (None: nothing left worth measuring)."""
         allowed = {c.key for c in free}
@@ -118,27 +141,29 @@ class Guide:
         for k, v in _predicted_attrs(it).items():
             trial.set_user_attr(k, v)
 
-    def observe(self, cand: Candidate, record: dict[str, Any] | None, skip: Any = None) -> None:
-        """After the loop measured, failed or (paired test) skipped ``cand``: refit and prune."""
+    def observe(self, cand: Candidate, record: dict[str, Any] | None, skip: Any = None, *, own: bool = True) -> None:
+        """After the loop measured, failed or (paired test) skipped ``cand``: refit and prune. ``own`` False: another
+        worker's result (its load is not the one this process holds)."""
         if skip is not None:  # the measure step told the trial as skipped already
             self.schedule.skip(self.schedule.item(cand.key), str(getattr(skip, "reason", skip)))
             self.reported.add(cand.key)
         elif record and record.get("status") == "measured" and record.get("values"):
             ppl, tok_s = float(record["values"][0]), float(record["values"][1])
-            self.schedule.record(Measured(cand.key, ppl, tok_s, self.windows.get(cand.key, ())))
+            self.schedule.record(Measured(cand.key, ppl, tok_s, self.windows.get(cand.key, ())), own=own)
         else:
             self.schedule.drop(cand.key)
 
-    def new_skips(self) -> list[Skipped]:
-        """Skipped configurations not yet written to the study."""
-        out = [s for s in self.schedule.skipped if s.item.key not in self.reported]
+    def new_skips(self, hold: Collection[str] = ()) -> list[Skipped]:
+        """Skipped configurations not yet written to the study (``hold``: keys not to report yet, e.g. being
+        measured by another worker now)."""
+        out = [s for s in self.schedule.skipped if s.item.key not in self.reported and s.item.key not in hold]
         self.reported.update(s.item.key for s in out)
         return out
 
-    def perplexity(self, cand: Candidate, st: RunState) -> Any:
+    def perplexity(self, cand: Candidate, st: RunState, trial: Any = None) -> Any:
         """A perplexity function for the measure step: the (cheap) speed test first, then perplexity window by
         window, stopping early when a measured configuration at least as fast, with as much context, is settled
-        better on the shared windows."""
+        better on the shared windows. ``trial``: where the per-window values are kept (:data:`WINDOWS_ATTR`)."""
 
         def run(engine: Engine, tokens: Sequence[int], proto: EvalProtocol) -> float | Skip:
             tok_s = st.speed[measure_speed(engine, cand, spec=self.spec, st=st)][1]
@@ -165,6 +190,8 @@ class Guide:
             if not nll:
                 return float(engine.perplexity(tokens=tokens, protocol=proto))
             self.windows[cand.key] = tuple(nll)
+            if trial is not None:
+                trial.set_user_attr(WINDOWS_ATTR, list(nll))
             return math.exp(sum(nll) / len(nll))
 
         return run

@@ -35,6 +35,7 @@ from optimizer.storage import DEFAULT_ROOT, VARIANTS_NAME, study_dir, sweep_stal
 from optimizer.study.candidates import Candidate, build_space, config_key_of, distributions
 from optimizer.study.eta import eta_text
 from optimizer.study.guided import Guide, record_skipped
+from optimizer.study.guided_shared import stored_view
 from optimizer.study.locks import run_lock_for
 from optimizer.study.measure import BackendFactory, RunState, close_engines, load_memos, measure
 from optimizer.study.opening import init_study, open_study
@@ -92,7 +93,7 @@ def run(
         # claim protocol (exactly once each, heartbeats, stale retries)
         return run_worker(spec=spec, study_name=study_name, backend_factory=backend_factory,
                           eval_text=eval_text, storage_url=storage_url, root=root,
-                          n_trials=n_trials, timeout=timeout)
+                          n_trials=n_trials, timeout=timeout, exhaustive=exhaustive, gpus=gpus)
     run_lock = run_lock_for(study_name=study_name, storage_url=storage_url, root=root)
     if run_lock is not None:  # a second search on this embedded study is refused with one line
         run_lock.acquire(exclusive=True)
@@ -117,9 +118,14 @@ def run(
     guide = None if exhaustive or not todo else Guide(feasible, spec, gpus)
     if guide is not None:
         mode = "enumerate"
+        skips, windows = stored_view(study)
+        guide.windows.update(windows)  # earlier runs' per-window NLLs: references of the paired test
         for c in feasible:  # results of earlier runs of this study anchor the predictions
             if c.key in st.done:
                 guide.observe(c, st.done[c.key])
+        for key, reason in skips.items():  # skipped by an earlier run: not written again
+            if key in guide.by_key and key not in st.done:
+                guide.adopt(key, reason)
     text = functools.cache(eval_text)  # loaded once, before the first perplexity
     task = progress.add_task("trials", total=min(len(todo), n_trials or len(todo))) if progress else None
     rank = {c.key: i for i, c in enumerate(cands)}
@@ -181,7 +187,7 @@ def run(
                 else:
                     guide.annotate(trial, cand)
                     skip = measure(study, trial, cand, spec=spec, st=st, factory=backend_factory, text=text, say=say,
-                                   perplexity=guide.perplexity(cand, st), place_around=guide.place_around(cand))
+                                   perplexity=guide.perplexity(cand, st, trial), place_around=guide.place_around(cand))
                     guide.observe(cand, st.done.get(cand.key), skip)
                 gpu_trials += 1
                 left = [c for c in todo if c.key not in st.done and c.key not in (guide.reported if guide else ())]

@@ -176,15 +176,17 @@ def tell_outside_space(study: optuna.Study, trial: Any, key: str) -> None:
     study.tell(trial, state=TrialState.PRUNED)
 
 
-def tell_reused(study: optuna.Study, trial: Any, cand: Candidate, prev: dict[str, Any] | None) -> None:
-    """A duplicate ask: return the stored values (or a placeholder for infeasible / failed ones)."""
+def tell_reused(study: optuna.Study, trial: Any, cand: Candidate, prev: dict[str, Any] | None,
+                reason: str | None = None) -> None:
+    """A duplicate ask: return the stored values (or a placeholder for infeasible / failed ones). ``reason``: why
+    a duplicate without stored values is not measured (default: another copy is being measured)."""
     from optuna.trial import TrialState
 
     for k, v in base_attrs(cand).items():
         trial.set_user_attr(k, v)
     trial.set_user_attr("status", "reused")
     if prev is None:  # proposed twice in one batch, or running elsewhere: the other copy is measured
-        trial.set_user_attr("reason", "duplicate of a trial being measured")
+        trial.set_user_attr("reason", reason or "duplicate of a trial being measured")
         study.tell(trial, state=TrialState.FAIL)
         return
     if prev.get("values") is None or prev.get("status") == "infeasible":  # failed (e.g. oom) or rejected: no values

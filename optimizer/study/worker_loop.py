@@ -8,6 +8,11 @@ configurations that are done or RUNNING elsewhere (:func:`~optimizer.study.trial
 its pick into a RUNNING trial (``enqueue_trial`` + ``ask``) whose heartbeat it records at once.
 Because the read and the ask happen under one lock, no two workers run the same configuration.
 
+Which configuration: by default the guided search's pick (:mod:`optimizer.study.guided_shared`): under the same
+lock the worker takes in every worker's results, writes the configurations it finds dominated as skipped trials
+(once, study-wide) and claims the next one worth measuring; ``exhaustive`` takes every feasible configuration in
+load order (and measures the skipped ones of an earlier guided run).
+
 Faults.
     * A worker that dies mid-trial: its trial goes stale (:mod:`optimizer.study.liveness`) and is
       retried by the next free worker, up to ``max_retry`` times, then given up as failed.
@@ -25,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +47,8 @@ from optimizer.storage import (
     study_dir,
 )
 from optimizer.study.candidates import Candidate, build_space, config_key_of, distributions
+from optimizer.study.guided import Guide
+from optimizer.study.guided_shared import SharedGuide, stored_view
 from optimizer.study.liveness import (
     fail_stale,
     heartbeat,
@@ -114,14 +121,19 @@ def run_worker(
     options: WorkerOptions = WorkerOptions(),
     progress: Any = None,
     log: Callable[[str], None] | None = None,
+    exhaustive: bool = True,
+    gpus: Sequence[str] = (),
 ) -> SearchResult:
     """Join (or create) ``study_name`` and measure configurations until none is left.
 
     ``spec`` None: use the spec kept in the study (a worker joining without ``--model``).
 
-    Configurations are taken in the study's load order (variant-major), each by exactly one
-    worker. Returns when every feasible configuration is finished (measured, failed, or given up
-    after stale retries), after ``n_trials`` measurements by this worker, or after ``timeout`` s.
+    ``exhaustive`` True: configurations are taken in the study's load order (variant-major), each by
+    exactly one worker. False: the guided search (:mod:`optimizer.study.guided_shared`; ``gpus`` names
+    the GPU model(s) for its speed predictions): only configurations that can reach the front are
+    measured, the others stored once as ``skipped`` with predictions and reason. Returns when every
+    feasible configuration is finished (measured, failed, given up after stale retries, or skipped),
+    after ``n_trials`` GPU trials by this worker, or after ``timeout`` s.
 
     Raises:
         StorageError: the storage cannot be reached.
@@ -150,6 +162,7 @@ def run_worker(
     if rlock is not None:
         rlock.acquire(exclusive=False)
     st = RunState()
+    shared = None if exhaustive or not feasible else SharedGuide(Guide(feasible, spec, gpus), by_key, dists)
     measured_here = 0
     stop = "exhausted"
     waited_since: float | None = None
@@ -178,9 +191,23 @@ def run_worker(
                     if swept:
                         say(f"failed stale trial(s) {swept} (no heartbeat); they will be retried")
                     led = scan(study, max_retry=options.max_retry)
-                    claim = _claim(study, storage, led, feasible, by_key, dists, spec, tried=set(st.done))
+                    taken = set(led.done) | set(led.running) | set(st.done)  # st.done: e.g. a passing failure here
+                    if shared is None:
+                        todo = [c for c in feasible if c.key not in taken]
+                    else:
+                        nxt = shared.pick(study, led, tried=st.done)
+                        todo = [nxt] if nxt is not None else []
+                        taken |= shared.skipped
+                    claim = _claim(study, storage, led, todo, by_key, dists, spec, taken=taken,
+                                   skipped=shared.skipped if shared else set())
                 if claim is None:
-                    if not feasible_keys - set(led.done) - set(st.done):  # st.done: failed here for a passing reason too
+                    left = feasible_keys - set(led.done) - set(st.done) - (shared.skipped if shared else set())
+                    if not left:  # what is left but not claimable runs on other workers
+                        stop = "exhausted"
+                        break
+                    if shared is not None and not left & set(led.running):  # a guard: never wait on nothing
+                        say(f"the guided search has nothing to take and nothing runs elsewhere; {len(left)} "
+                            "configuration(s) left for a later run")
                         stop = "exhausted"
                         break
                     # everything left runs on other workers: wait for them (or for them to go stale)
@@ -197,7 +224,14 @@ def run_worker(
                 try:
                     with heartbeat(storage, trial._trial_id):
                         trial.set_user_attr("worker", me)
-                        measure(study, trial, cand, spec=spec, st=st, factory=backend_factory, text=text)
+                        if shared is None:
+                            skip = measure(study, trial, cand, spec=spec, st=st, factory=backend_factory, text=text)
+                        else:
+                            g = shared.guide
+                            g.annotate(trial, cand)
+                            skip = measure(study, trial, cand, spec=spec, st=st, factory=backend_factory, text=text,
+                                           perplexity=g.perplexity(cand, st, trial), place_around=g.place_around(cand))
+                            shared.observe_own(cand, st.done.get(cand.key), skip)
                 except Exception as e:
                     if not is_taken_over(e):
                         fail_interrupted(study, [trial])
@@ -208,8 +242,8 @@ def run_worker(
                 except BaseException:
                     fail_interrupted(study, [trial])
                     raise
-                if study._storage.get_trial(trial._trial_id).state == TrialState.COMPLETE:
-                    measured_here += 1
+                if skip is not None or study._storage.get_trial(trial._trial_id).state == TrialState.COMPLETE:
+                    measured_here += 1  # a trial the paired test stopped early ran on the GPU too
                 if progress is not None:
                     progress(trial.number, cand)
             except KeyboardInterrupt:
@@ -234,16 +268,22 @@ def run_worker(
         lock.close()
         if rlock is not None:
             rlock.release()
+    skipped: set[str] = set()
     try:
-        end = tally(scan(study, max_retry=options.max_retry), feasible_keys)
+        if shared is not None:
+            skipped = set(stored_view(study)[0]) & feasible_keys
+        end = tally(scan(study, max_retry=options.max_retry), feasible_keys - skipped)
     except Exception as e:  # the storage went away at the very end: report what this worker knows
         if not is_storage_error(e):
             raise
-        end = StudyTally(measured=st.measured, failed=st.failed, left=len(feasible_keys) - st.measured - st.failed)
+        skipped = shared.skipped if shared is not None else set()
+        end = StudyTally(measured=st.measured, failed=st.failed,
+                         left=len(feasible_keys - skipped) - st.measured - st.failed)
     return SearchResult(
         study_name=study_name, n_feasible=len(feasible), n_infeasible=len(cands) - len(feasible),
         n_measured=st.measured, n_failed=end.failed, n_reused=st.reused, model_loads=st.loads,
         exhausted=stop == "exhausted", seconds=time.monotonic() - t0, stop_reason=stop, study=end,
+        n_skipped=len(skipped),
     )
 
 
@@ -251,15 +291,15 @@ def _where(url: str | None) -> str:
     return f" {safe_url(url)}" if url else ""
 
 
-def _claim(study: optuna.Study, storage: Any, led: Ledger, feasible: list[Candidate], by_key: dict[str, Candidate],
-           dists: dict[str, Any], spec: SearchSpec, *, tried: set[str]) -> tuple[Any, Candidate] | None:
-    """Under the claim lock: turn the next free configuration into a RUNNING trial of ours.
+def _claim(study: optuna.Study, storage: Any, led: Ledger, todo: list[Candidate], by_key: dict[str, Candidate],
+           dists: dict[str, Any], spec: SearchSpec, *, taken: set[str],
+           skipped: set[str]) -> tuple[Any, Candidate] | None:
+    """Under the claim lock: turn the next configuration to take (``todo[0]``) into a RUNNING trial of ours.
 
-    WAITING trials (stale retries, leftovers) are popped first; one that names a finished or
-    running configuration is settled at once as ``reused`` (no GPU).
+    WAITING trials (stale retries, leftovers) are popped first; one that names a configuration in
+    ``taken`` (finished, running, tried here, or skipped by the guided search) is settled at once as
+    ``reused`` (no GPU).
     """
-    taken = set(led.done) | set(led.running) | tried  # tried: this worker's results, e.g. a transient failure
-    todo = [c for c in feasible if c.key not in taken]
     waiting = led.waiting
     for _ in range(waiting + 2):
         if waiting <= 0 and not todo:
@@ -277,7 +317,8 @@ def _claim(study: optuna.Study, storage: Any, led: Ledger, feasible: list[Candid
         if cand is None:
             tell_outside_space(study, trial, key)
         elif not cand.verdict.fits or key in taken:
-            tell_reused(study, trial, cand, led.done.get(key))
+            tell_reused(study, trial, cand, led.done.get(key),
+                        reason="skipped by the guided search" if key in skipped else None)
         else:
             mark_running(trial, cand)
             return trial, cand
