@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from pg import postgres_server, postgres_url  # noqa: F401  (pytest fixtures)
 from test_distributed import _calls, _env, _prepared_configs, _wait, _worker_cmd, eval_file, models  # noqa: F401
+from test_study import variants_dir  # noqa: F401  (fixture)
 
 from optimizer.schedule import Point, pareto
 
@@ -157,3 +158,77 @@ def test_a_guided_worker_killed_mid_trial_gets_its_trial_retried(tmp_path: Path,
     out = _outcomes(trials)
     assert len(out) == N_CONFIGS and set(out.values()) == {1}, out
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+def _paired_worker(tmp_path: Path, spec: Any, n_trials: int | None) -> Any:
+    from fake_engine import FakeBackend
+
+    from optimizer.evaldata import EvalText
+    from optimizer.study import run_worker
+
+    be = FakeBackend()
+    run_worker(spec=spec, study_name="w", backend_factory=lambda v: be, root=tmp_path / "studies",
+               eval_text=lambda: EvalText(dataset_id="fake:2", text="hello world " * 200), n_trials=n_trials,
+               exhaustive=False, gpus=("RTX 4090",))
+    return be
+
+
+@pytest.mark.parametrize("shared_windows", [True, False])
+def test_a_worker_uses_another_workers_windows_in_the_paired_test(tmp_path: Path, variants_dir: Path,  # noqa: F811
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  shared_windows: bool) -> None:
+    from test_study_guided import _fp16_q8_spec
+
+    from optimizer.formats import exl2_rules
+    from optimizer.study import guided_shared, open_study
+
+    # one context, fp16 and q8 (without exl2's lossless-cache rule, so q8 is decided by the paired test): one worker
+    # measures fp16 and stops; a second worker, with nothing of the first but the storage, measures q8's speed, then
+    # settles it worse than fp16 on the first windows, using the per-window NLLs stored on fp16's trial
+    monkeypatch.delattr(exl2_rules, "LOSSLESS_CACHE")
+    spec = _fp16_q8_spec(variants_dir)
+    first = _paired_worker(tmp_path, spec, n_trials=1)
+    assert [k for w, k in first.engine.calls if w == "ppl"] and all(
+        "|fp16" in k for w, k in first.engine.calls if w in ("ppl", "cache"))
+    if not shared_windows:  # a study from before the windows were stored: every window is measured, nothing else
+        monkeypatch.setattr(guided_shared, "WINDOWS_ATTR", "no_such_attribute")
+    second = _paired_worker(tmp_path, spec, n_trials=None)
+    q8_windows = [k for w, k in second.engine.calls if w == "ppl"]
+    assert q8_windows and all(k.endswith("|q8") for k in q8_windows)
+    study = open_study(study_name="w", storage_url=None, root=tmp_path / "studies", create=False)
+    by_cache = {t.user_attrs["cache"]: t.user_attrs for t in study.trials if t.user_attrs.get("config_key")}
+    assert by_cache["fp16"]["status"] == "measured" and len(by_cache["fp16"]["ppl_window_nll"]) == 8
+    if shared_windows:
+        assert len(q8_windows) == 3  # min_windows of the paired test, not all 8
+        assert by_cache["q8"]["status"] == "skipped" and "shared windows" in by_cache["q8"]["reason"]
+        assert by_cache["q8"]["predicted_ppl_low"] <= by_cache["q8"]["predicted_ppl_high"]
+    else:
+        assert len(q8_windows) == 8 and by_cache["q8"]["status"] == "measured"
+
+
+def test_a_guided_worker_measures_autosplit_configurations_in_its_shared_placement(tmp_path: Path,  # noqa: F811
+                                                                                   variants_dir: Path) -> None:  # noqa: F811
+    from dataclasses import replace
+
+    from fake_engine import FakeBackend
+    from test_study import _spec, _text
+
+    from optimizer.study import build_space, open_study, run_worker
+    from optimizer.study.placement import shared_placements
+    from optimizer.vram import Split
+
+    spec = replace(_spec(variants_dir, vram="0.8GiB"), split=Split(mode="auto", n_devices=2))
+    feasible = [c for c in build_space(spec) if c.verdict.fits]
+    around = shared_placements(feasible, budget=spec.budget, runtime=spec.runtime)
+    be = FakeBackend()
+    res = run_worker(spec=spec, study_name="a", backend_factory=lambda v: be, root=tmp_path / "studies",
+                     eval_text=_text, exhaustive=False, gpus=("RTX 4090",))
+    study = open_study(study_name="a", storage_url=None, root=tmp_path / "studies", create=False)
+    measured = [t.user_attrs for t in study.trials if t.user_attrs.get("status") == "measured"]
+    loads = [k for what, k in be.engine.calls if what == "load"]
+    # as `search` does: each variant loaded once, its other configurations built in that placement
+    assert len(measured) > len(loads) == len(set(loads)) == len({ua["variant"] for ua in measured})
+    assert any(ua.get("placement_of") for ua in measured)
+    for ua in measured:
+        assert ua.get("placement_of", "") in ("", around[ua["config_key"]].key)
+    assert res.exhausted and res.n_skipped == len(feasible) - len(measured) > 0

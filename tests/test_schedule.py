@@ -153,3 +153,17 @@ def test_a_lossy_cache_is_measured_when_its_sibling_fails_and_skipped_when_it_is
     new = s.skip(s.item("v|fp16"), "dominated by measured w")
     assert [x.item.key for x in new] == ["v|fp16", "v|q4"] and "dominated by measured w" in new[1].reason
     assert s.next() is None
+
+
+def test_another_workers_result_does_not_change_the_load_held_here_and_busy_items_stay_pending() -> None:
+    items = [item("a|fp16", 5.0, 40, load="a"), item("a|q4", 5.1, 41, load="a"),
+             item("b|fp16", 6.0, 60, load="b"), item("b|q4", 6.1, 61, load="b")]
+    s = Schedule(items)
+    s.record(Measured("a|fp16", 5.0, 40))  # measured here: a is loaded
+    s.record(Measured("b|fp16", 6.0, 60), own=False)  # measured by another worker
+    assert s.loaded == "a"
+    assert s.next().key == "a|q4"
+    # a|q4 running on another worker: b's next, and a|q4 is still pending (a failure there lets it be retried)
+    assert s.next(exclude={"a|q4"}).key == "b|q4"
+    assert "a|q4" in {it.key for it in s.pending()}
+    assert s.next(exclude={"a|q4", "b|q4"}) is None

@@ -1,4 +1,5 @@
-"""The prediction-guided search (the default of ``exl2opt search``; ``--exhaustive`` measures everything).
+"""The prediction-guided search (the default of ``exl2opt search`` and ``exl2opt worker``; ``--exhaustive`` measures
+everything; workers share it through the storage, :mod:`optimizer.study.guided_shared`).
 
 A :class:`Guide` wraps :class:`optimizer.schedule.Schedule` for the study loop: it predicts every feasible
 configuration (:class:`optimizer.predict.refit.SpacePredictor`), tells the loop which one to measure next, refits
