@@ -249,12 +249,14 @@ class Schedule:
         refs = [k for k, p in pts.items() if k != item.key and p.tok_s >= speed and p.ctx >= opt.ctx]
         return min(refs, key=lambda k: pts[k].ppl) if refs else None
 
-    def record(self, m: Measured, *, own: bool = True) -> list[Skipped]:
-        """Store a measurement, refit the predictions, prune; returns what this measurement let us skip.
-        ``own`` False: another worker measured it (its load is not the one loaded here)."""
-        self.measured[m.key] = m
-        if own and m.key in self._by_key:
-            self.loaded = self._by_key[m.key].load
+    def record(self, *ms: Measured, own: bool = True) -> list[Skipped]:
+        """Store measurements, refit the predictions once, prune; returns what they let us skip. ``own`` False:
+        another worker measured them (their load is not the one loaded here); several results that arrive together
+        are recorded in one call, so no pruning rests on only a part of them."""
+        for m in ms:
+            self.measured[m.key] = m
+            if own and m.key in self._by_key:
+                self.loaded = self._by_key[m.key].load
         if self.predictor is not None:
             fresh = self.predictor(list(self.measured.values()))
             self.items = [replace(it, ppl=fresh[it.key][0], tok_s=fresh[it.key][1]) if it.key in fresh else it

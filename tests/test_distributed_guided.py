@@ -232,3 +232,53 @@ def test_a_guided_worker_measures_autosplit_configurations_in_its_shared_placeme
     for ua in measured:
         assert ua.get("placement_of", "") in ("", around[ua["config_key"]].key)
     assert res.exhausted and res.n_skipped == len(feasible) - len(measured) > 0
+
+
+def _forked_worker(variants: str, root: str, log: str) -> None:
+    """One guided worker process on the mixed-fit space of ``tests/test_study.py`` (fork start method)."""
+    import os
+
+    from fake_engine import FakeBackend
+    from test_study import _spec, _text
+
+    from optimizer.study import run_worker
+
+    os.environ["FAKE_ENGINE_LOG"] = log
+    os.environ["FAKE_ENGINE_DELAY"] = "0.02"
+    be = FakeBackend()
+    run_worker(spec=_spec(Path(variants)), study_name="m", backend_factory=lambda v: be, root=Path(root),
+               eval_text=_text, exhaustive=False, gpus=("RTX 4090",))
+
+
+def test_three_forked_guided_workers_prune_by_each_others_measurements(tmp_path: Path,  # noqa: F811
+                                                                       variants_dir: Path) -> None:  # noqa: F811
+    import multiprocessing
+
+    from optuna.trial import TrialState
+    from test_study import _front as brute_front
+    from test_study import _spec
+    from test_study_guided import _truth
+
+    from optimizer.study import open_study
+
+    # a space where lossy caches hold more context and some configurations are pruned by a measured point's bound
+    truth = _truth(_spec(variants_dir))
+    logs = [tmp_path / f"m{i}.log" for i in range(3)]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_forked_worker, args=(str(variants_dir), str(tmp_path / "studies"), str(log)))
+             for log in logs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    trials = open_study(study_name="m", storage_url=None, root=tmp_path / "studies", create=False).trials
+    out = _outcomes(trials)
+    assert set(out) == set(truth) and set(out.values()) == {1}, out  # measured once or skipped once, never both
+    measured = {t.user_attrs["config_key"] for t in trials if t.state == TrialState.COMPLETE
+                and t.user_attrs.get("status") == "measured"}
+    assert brute_front(truth) <= measured < set(truth)  # the whole true front, fewer measurements
+    assert _front(trials) == brute_front(truth)
+    assert set(_prepared_configs(logs).values()) == {1}
+    reasons = [t.user_attrs["reason"] for t in trials if t.user_attrs.get("status") == "skipped"]
+    assert all(reasons) and any(r.startswith("dominated by measured") for r in reasons), reasons

@@ -148,11 +148,21 @@ class Guide:
         if skip is not None:  # the measure step told the trial as skipped already
             self.schedule.skip(self.schedule.item(cand.key), str(getattr(skip, "reason", skip)))
             self.reported.add(cand.key)
-        elif record and record.get("status") == "measured" and record.get("values"):
-            ppl, tok_s = float(record["values"][0]), float(record["values"][1])
-            self.schedule.record(Measured(cand.key, ppl, tok_s, self.windows.get(cand.key, ())), own=own)
         else:
-            self.schedule.drop(cand.key)
+            self.observe_all([(cand, record)], own=own)
+
+    def observe_all(self, results: Sequence[tuple[Candidate, dict[str, Any] | None]], *, own: bool = True) -> None:
+        """Results that arrive together (e.g. other workers'): measured ones refit and prune once, on all of them;
+        the others (failed) leave the schedule."""
+        ms = []
+        for cand, record in results:
+            if record and record.get("status") == "measured" and record.get("values"):
+                ppl, tok_s = float(record["values"][0]), float(record["values"][1])
+                ms.append(Measured(cand.key, ppl, tok_s, self.windows.get(cand.key, ())))
+            else:
+                self.schedule.drop(cand.key)
+        if ms:
+            self.schedule.record(*ms, own=own)
 
     def new_skips(self, hold: Collection[str] = ()) -> list[Skipped]:
         """Skipped configurations not yet written to the study (``hold``: keys not to report yet, e.g. being

@@ -4,7 +4,7 @@ The storage is the only state the workers share. Each worker keeps its own :clas
 (the same predictions, placements and rules as ``exl2opt search``) and, under the study's claim lock, brings it up to
 date with the storage before it claims (:meth:`SharedGuide.pick`):
 
-* every result in the storage (any worker's) is observed once, in trial order: measurements refit the predictions
+* every result in the storage (any worker's) is observed once, all new ones together: measurements refit the predictions
   and prune, failures take the configuration out; a measured trial's per-window NLLs
   (:data:`~optimizer.study.guided.WINDOWS_ATTR`) become the reference of the paired perplexity test here too;
 * every configuration another worker stored as skipped is skipped here and never written again;
@@ -60,20 +60,29 @@ class SharedGuide:
     #: keys stored as skipped in the study (as of the last :meth:`pick`, with what it wrote)
     skipped: set[str] = field(default_factory=set)
     written: int = 0  #: skipped trials this worker wrote
+    mine: str | None = None  #: the configuration this worker measured last (its engine holds that load)
 
     def pick(self, study: optuna.Study, led: Ledger, *, tried: Mapping[str, Any]) -> Candidate | None:
         """Under the claim lock: take in the storage (``led`` = :func:`~optimizer.study.trials.scan` of it, read
         under the same lock), write the new skips, and return the configuration to claim (None: nothing this
         worker may take now). ``tried``: this worker's own results, e.g. a passing failure not to retry here."""
         skips, windows = stored_view(study)
-        for key, rec in sorted(led.done.items(), key=lambda kv: (kv[1].get("number") is None, kv[1].get("number") or 0)):
+        fresh = []
+        for key, rec in led.done.items():
             cand = self.guide.by_key.get(key)
             if cand is None or key in self.seen:
                 continue
             self.seen.add(key)
             if key in windows:
                 self.guide.windows.setdefault(key, windows[key])
-            self.guide.observe(cand, rec, own=False)
+            fresh.append((cand, rec))
+        self.guide.observe_all(fresh, own=False)  # one refit on all of them, then the prune
+        for key, rec in tried.items():  # failed here for a passing reason: not retried by this worker
+            if key not in led.done and (rec or {}).get("status") != "measured":
+                self.guide.schedule.drop(key)
+        held = {it.key: it.load for it in self.guide.schedule.items}.get(self.mine or "")
+        if held is not None:  # the load this worker's engine holds comes first
+            self.guide.schedule.loaded = held
         for key, reason in skips.items():
             if key not in self.seen:
                 self.seen.add(key)
@@ -85,7 +94,8 @@ class SharedGuide:
         self.skipped = set(skips) | {s.item.key for s in new}
         return self.guide.claim(busy | set(tried) | set(led.done))
 
-    def observe_own(self, cand: Candidate, record: dict[str, Any] | None, skip: Any) -> None:
-        """After this worker measured, failed or (paired test) skipped ``cand``."""
-        self.seen.add(cand.key)
-        self.guide.observe(cand, record, skip)
+    def measured_here(self, cand: Candidate) -> None:
+        """After this worker measured ``cand`` (its load is now the one held). Its result, like every other, is taken
+        in by the next :meth:`pick`, under the lock with all results stored by then: pruning on this worker's view
+        alone, outside the lock, would rest on fewer measurements than the study has."""
+        self.mine = cand.key

@@ -231,7 +231,7 @@ def run_worker(
                             g.annotate(trial, cand)
                             skip = measure(study, trial, cand, spec=spec, st=st, factory=backend_factory, text=text,
                                            perplexity=g.perplexity(cand, st, trial), place_around=g.place_around(cand))
-                            shared.observe_own(cand, st.done.get(cand.key), skip)
+                            shared.measured_here(cand)
                 except Exception as e:
                     if not is_taken_over(e):
                         fail_interrupted(study, [trial])
