@@ -157,3 +157,18 @@ def test_out_of_memory_in_a_shared_placement_falls_back_to_a_load_of_its_own(var
     assert len(got) == 1 and got[0]["status"] == "measured" and not got[0].get("placement_of")
     assert any(what == "oom" and k.endswith("|shared") for what, k in be2.engine.calls)
     assert len([1 for what, _ in be2.engine.calls if what == "load"]) > len([1 for what, _ in be.engine.calls if what == "load"])
+
+
+def test_a_resumed_guided_search_writes_no_skip_twice_and_finds_the_front(variants_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    from collections import Counter
+
+    spec = _spec(variants_dir)
+    truth = _truth(spec)
+    for n in (2, 2, None):  # stopped by --n-trials twice, then to the end
+        _run(spec, tmp_path, FakeBackend(), exhaustive=False, gpus=("RTX 4090",), n_trials=n)
+    study = open_study(study_name="s", storage_url=None, root=tmp_path / "studies", create=False)
+    outcomes = Counter(t.user_attrs["config_key"] for t in study.trials
+                       if t.user_attrs.get("status") in ("measured", "skipped"))
+    assert set(outcomes) == set(truth) and set(outcomes.values()) == {1}, outcomes
+    measured = {t.user_attrs["config_key"] for t in study.trials if t.user_attrs.get("status") == "measured"}
+    assert _front(truth) <= measured < set(truth)

@@ -120,9 +120,8 @@ def run(
         mode = "enumerate"
         skips, windows = stored_view(study)
         guide.windows.update(windows)  # earlier runs' per-window NLLs: references of the paired test
-        for c in feasible:  # results of earlier runs of this study anchor the predictions
-            if c.key in st.done:
-                guide.observe(c, st.done[c.key])
+        # results of earlier runs of this study anchor the predictions (one refit on all of them, then the prune)
+        guide.observe_all([(c, st.done[c.key]) for c in feasible if c.key in st.done])
         for key, reason in skips.items():  # skipped by an earlier run: not written again
             if key in guide.by_key and key not in st.done:
                 guide.adopt(key, reason)
