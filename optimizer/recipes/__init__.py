@@ -161,6 +161,17 @@ def num(x: float) -> str:
     return f"{x:g}" if float(x) == float(f"{x:g}") else repr(float(x))
 
 
+#: Note for a server that resolves a relative model path from its own folder (``tool``, ``what``: the option).
+RELATIVE_NOTE = ("the model's path is relative to the folder it was downloaded into, but {tool} resolves {what} "
+                 "from its own folder: use the absolute path")
+
+
+def parent_and_name(path: str) -> tuple[str, str]:
+    """A model path split as servers take it: the folder holding the model, and the model's folder name."""
+    head, _, tail = path.rstrip("/").rpartition("/")
+    return (head or ("/" if path.startswith("/") else ".")), tail
+
+
 # ----- building specs -----------------------------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from optimizer.allocator import ENV, EXPANDABLE
-from optimizer.recipes import Recipe, RunSpec, num, sh_join, unsupported, yaml_str
+from optimizer.recipes import RELATIVE_NOTE, Recipe, RunSpec, num, parent_and_name, sh_join, unsupported, yaml_str
 from optimizer.vram import MIB, Split
 
 TABBY = "TabbyAPI config.yml (branch exl2-checkpoint, 79126f9)"
@@ -62,17 +62,10 @@ def _env_words(spec: RunSpec) -> list[str]:
     return [_ENV_WORD] if spec.flash_attn else [_ENV_WORD, _NO_SDPA_WORD]
 
 
-_RELATIVE = ("the model's path is relative to the folder it was downloaded into, but {tool} resolves {what} "
-             "from its own folder: use the absolute path")
 
 
 def _default_reserve(split: Split) -> bool:
     return split.reserve_bytes == Split(mode="auto", n_devices=split.n_devices).reserve_bytes
-
-
-def _parent_and_name(path: str) -> tuple[str, str]:
-    head, _, tail = path.rstrip("/").rpartition("/")
-    return (head or ("/" if path.startswith("/") else ".")), tail
 
 
 def load_call(split: Split) -> str:
@@ -139,9 +132,9 @@ def tabby(spec: RunSpec) -> Recipe:
     cache_size = spec.max_seq_len * spec.batch_size
     if cache_size % 256:
         notes.append(f"TabbyAPI rounds cache_size up to a multiple of 256 ({-(-cache_size // 256) * 256} tokens)")
-    parent, name = _parent_and_name(spec.model_path)
+    parent, name = parent_and_name(spec.model_path)
     if not spec.model_path.startswith("/"):
-        notes.append(_RELATIVE.format(what="model_dir", tool="TabbyAPI"))
+        notes.append(RELATIVE_NOTE.format(what="model_dir", tool="TabbyAPI"))
     lines = [
         "# exl2 needs TabbyAPI's exl2-checkpoint branch (main dropped exl2 in July 2026)",
         "model:",
@@ -187,9 +180,9 @@ def webui(spec: RunSpec) -> Recipe:
     split = _split_flags(spec, auto=["--autosplit"], manual="--gpu-split")
     if split is None:
         return unsupported("webui", "webui's --autosplit cannot set the autosplit reserve")
-    parent, name = _parent_and_name(spec.model_path)
+    parent, name = parent_and_name(spec.model_path)
     notes: tuple[str, ...] = (
-        (_ALLOC_NOTE,) if spec.model_path.startswith("/") else (_ALLOC_NOTE, _RELATIVE.format(what="--model-dir", tool="webui")))
+        (_ALLOC_NOTE,) if spec.model_path.startswith("/") else (_ALLOC_NOTE, RELATIVE_NOTE.format(what="--model-dir", tool="webui")))
     if not spec.flash_attn:
         notes += (_NO_SDPA_NOTE,)
     argv = [*_env_words(spec), "python", "server.py", "--model-dir", parent, "--model", name, "--loader", "ExLlamav2_HF",

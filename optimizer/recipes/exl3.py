@@ -10,8 +10,14 @@ it); and the repository's ``examples/chat.py`` (``-mode raw``), which loads thro
 The ``Cache`` is created *before* ``model.load``: exllamav3 allocates cache layers while each attention
 module loads; a cache made afterwards has no tensors. ``model_init`` always layer-splits over the
 visible GPUs (0.5 GiB reserve each) unless ``-gs`` is given, so a one-GPU answer needs
-``CUDA_VISIBLE_DEVICES``. TabbyAPI and text-generation-webui have EXL3 loaders too, but their option
-names have not been checked here, so no recipe is printed for them rather than a guessed one.
+``CUDA_VISIBLE_DEVICES``. TabbyAPI's ``config.yml`` block is ``optimizer.recipes.exl3_tabby`` (checked
+against TabbyAPI ``main`` at ``e632af4``). text-generation-webui has an EXL3 loader too, but its option
+names have not been checked here, so no recipe is printed for it rather than a guessed one.
+
+``DEFAULT`` (what ``fit`` prints without ``--recipe``): the TabbyAPI block, because TabbyAPI calls itself "the official
+API backend server for ExllamaV3" (its README at ``e632af4``; most of its 2026 commits are by exllamav3's
+author), plus the example-script line, which
+needs nothing but a clone of exllamav3 (as for exl2).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from optimizer.allocator import ENV, EXPANDABLE
 from optimizer.formats.exl3 import cache_mode
 from optimizer.formats.exl3_rules import load_chunk
 from optimizer.recipes import Recipe, RunSpec, num, sh_join
+from optimizer.recipes.exl3_tabby import tabby
 from optimizer.vram import Split
 
 PYTHON = "Python, exllamav3 1.6.5"
@@ -81,12 +88,11 @@ def script(spec: RunSpec) -> Recipe:
     return Recipe(tool="script", title=SCRIPT, text=sh_join(argv), kind="shell", notes=tuple(notes))
 
 
-RECIPES: dict[str, Callable[[RunSpec], Recipe]] = {"python": python, "script": script}
-DEFAULT: tuple[str, ...] = ("python", "script")
+RECIPES: dict[str, Callable[[RunSpec], Recipe]] = {"tabby": tabby, "script": script, "python": python}
+DEFAULT: tuple[str, ...] = ("tabby", "script")
 SHELL_TOOL = "script"
 NOT_AVAILABLE = {
     "llama.cpp": "llama.cpp does not load EXL3 quants (it runs GGUF files)",
-    "tabby": "TabbyAPI runs EXL3, but exl2opt has not checked its EXL3 options yet; see the Python recipe",
     "webui": "text-generation-webui's EXL3 options are not checked by exl2opt yet; see the Python recipe",
 }
 

@@ -1,7 +1,7 @@
 """Recipes placed into ``fit`` output, fit CSV/JSON records and the Pareto rows of ``search``.
 
-``fit`` without ``--recipe`` (``auto``) prints, per variant, the format's default recipes (exl2:
-TabbyAPI block + example-script line; GGUF: ``llama-server``) for the answer with the longest context,
+``fit`` without ``--recipe`` (``auto``) prints, per variant, the format's default recipes (exl2 and
+EXL3: TabbyAPI block + example-script line; GGUF: ``llama-server``) for the answer with the longest context,
 and one shell line for each other answer. With ``--recipe a,b`` every answer gets every named recipe.
 """
 
@@ -12,7 +12,17 @@ from typing import Any
 
 from optimizer.allocator import ENV, EXPANDABLE, fragmentation_allowance
 from optimizer.errors import BadOptionError
-from optimizer.recipes import RunSpec, default_tools, model_path, recipe, render, shell_tool, spec_for, split_from_label
+from optimizer.recipes import (
+    RunSpec,
+    default_tools,
+    model_path,
+    recipe,
+    render,
+    shell_tool,
+    spec_for,
+    split_from_label,
+    tools_for,
+)
 from optimizer.units import fmt_gib
 from optimizer.variant import Location
 
@@ -91,7 +101,7 @@ def _indent(text: str) -> str:
 
 
 def front_row_fields(row: dict[str, Any], *, spec_record: dict[str, Any] | None) -> dict[str, str]:
-    """``run_command`` (a shell line) and ``tabby_config`` (exl2 only) for one Pareto row of a study.
+    """``run_command`` (a shell line) and ``tabby_config`` (formats TabbyAPI runs: exl2, EXL3) for one Pareto row.
 
     ``row`` is a ``report.trial_rows`` dict (variant source, format, label, context, cache mode,
     split label); ``spec_record`` is the study's stored search spec (variants with their locations,
@@ -121,7 +131,7 @@ def front_row_fields(row: dict[str, Any], *, spec_record: dict[str, Any] | None)
         return {"run_command": "", "tabby_config": ""}
     tool = shell_tool(fmt)
     run = recipe(spec, tool=tool) if tool else None
-    tabby = recipe(spec, tool="tabby") if fmt == "exl2" else None
+    tabby = recipe(spec, tool="tabby") if "tabby" in tools_for(fmt) else None
     return {"run_command": run.text if run else "", "tabby_config": tabby.text if tabby else ""}
 
 
