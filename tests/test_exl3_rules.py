@@ -174,6 +174,21 @@ def test_recipes_make_the_cache_before_loading() -> None:
     assert not recipe(spec("fp16", Split()), tool="llama.cpp").supported
 
 
+def test_recipes_carry_a_custom_autosplit_reserve() -> None:
+    def spec(split: Split) -> RunSpec:
+        return RunSpec(fmt="exl3", label="4.0bpw-h6", model_path="/m/x", max_seq_len=8192, cache="k4v4", split=split)
+
+    default = Split(mode="auto", n_devices=2)  # exllamav3's 0.5 GiB each, as placed
+    custom = Split(mode="auto", n_devices=2, reserve_bytes=(1024 * MIB, 300 * MIB))
+    assert recipe(spec(default), tool="python").text.endswith("model.load()")
+    line = recipe(spec(custom), tool="python").text.splitlines()[-1]
+    assert line == "model.load(reserve_per_device=[1, 0.29296875])"  # GiB; 300 MiB exactly after int(x * 1024**3)
+    assert int(0.29296875 * 1024**3) == 300 * MIB
+    assert recipe(spec(default), tool="script").supported
+    r = recipe(spec(custom), tool="script")
+    assert not r.supported and "reserve" in r.notes[0]
+
+
 def test_quantization_config_reader_refuses_bad_entries() -> None:
     good = {"quant_method": "exl3", "tensor_storage": {"m.q": {"stored_tensors": {
         "m.q.trellis": {"shape": [8, 8, 64], "n_bytes": 8 * 8 * 64 * 2, "dtype": "torch.int16"}}}}}

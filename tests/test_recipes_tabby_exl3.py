@@ -263,3 +263,17 @@ def test_fit_on_the_exl3_example_prints_a_tabby_block(extra: list[str], capsys: 
         assert "examples/chat.py" in out  # the example-script line follows, as for exl2
     code, out = _fit([*base, "--recipe", "tabby", "--json"], capsys)
     assert all("model:" in r["recipe_tabby"] for r in json.loads(out))
+
+
+def test_pareto_rows_of_exl3_carry_a_tabby_block() -> None:
+    from optimizer.recipes.present import front_row_fields
+
+    row = {"format": "exl3", "label": "4.0bpw-h6", "variant": "/models/Llama-exl3", "max_seq_len": 8192,
+           "cache_mode": "k4v6", "split": "auto:2"}
+    fields = front_row_fields(row, spec_record={"split": {"reserve_bytes": [1024 * MIB, 300 * MIB]}})
+    m = yaml.safe_load(fields["tabby_config"])["model"]
+    assert (m["model_name"], m["cache_mode"], m["cache_size"]) == ("Llama-exl3", "4,6", 8192)
+    assert m["autosplit_reserve"] == [1024, 300]
+    assert "examples/chat.py" not in fields["run_command"]  # chat.py cannot set that reserve
+    plain = front_row_fields({**row, "split": "1gpu"}, spec_record=None)
+    assert "examples/chat.py" in plain["run_command"] and "cache_mode: \"4,6\"" in plain["tabby_config"]

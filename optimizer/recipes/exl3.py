@@ -26,24 +26,34 @@ from collections.abc import Callable
 
 from optimizer.allocator import ENV, EXPANDABLE
 from optimizer.formats.exl3 import cache_mode
+from optimizer.formats.exl3_place import DEFAULT_RESERVE_BYTES, reserves_for
 from optimizer.formats.exl3_rules import load_chunk
-from optimizer.recipes import Recipe, RunSpec, num, sh_join
+from optimizer.recipes import Recipe, RunSpec, num, sh_join, unsupported
 from optimizer.recipes.exl3_tabby import tabby
-from optimizer.vram import Split
+from optimizer.vram import GIB, Split
 
 PYTHON = "Python, exllamav3 1.6.5"
 SCRIPT = "exllamav3 1.6.5 examples/chat.py (run in a clone of the exllamav3 repository)"
 _ENV_WORD = f"{ENV}={EXPANDABLE}"
 
 
+def _custom_reserves(split: Split) -> tuple[int, ...] | None:
+    """The autosplit reserves (bytes per GPU) when they are not exllamav3's default 0.5 GiB each, else None."""
+    reserves = reserves_for(split, split.n_devices)
+    return None if reserves == (DEFAULT_RESERVE_BYTES,) * split.n_devices else reserves
+
+
 def load_call(split: Split, chunk_len: int) -> str:
-    """The ``model.load`` call for a split (``max_chunk_size`` only when not the default 2048)."""
+    """The ``model.load`` call for a split (``max_chunk_size`` only when not the default 2048;
+    ``reserve_per_device`` in GiB only when not exllamav3's default)."""
     chunk = f"max_chunk_size={chunk_len}" if chunk_len != 2048 else ""
     if split.mode == "single":
         return f'model.load(device="cuda:0"{", " + chunk if chunk else ""})'
     if split.mode == "manual":
         return f"model.load(use_per_device=[{', '.join(num(g) for g in split.gpu_split)}]{', ' + chunk if chunk else ''})"
-    return f"model.load({chunk})"
+    reserves = _custom_reserves(split)
+    args = [f"reserve_per_device=[{', '.join(num(b / GIB) for b in reserves)}]"] if reserves else []
+    return f"model.load({', '.join(args + ([chunk] if chunk else []))})"
 
 
 def run_recipe(*, cache: str, max_seq_len: int, split: Split, batch_size: int = 1, chunk_len: int | None = None) -> str:
@@ -77,6 +87,9 @@ def script(spec: RunSpec) -> Recipe:
     notes = ["-mode picks the prompt format: raw works for any model (llama3, chatml... for chat templates)"]
     if spec.split.mode == "manual":
         gs = ["-gs", ",".join(num(g) for g in spec.split.gpu_split)]
+    elif spec.split.mode == "auto" and _custom_reserves(spec.split):
+        return unsupported("script", "examples/chat.py cannot set the autosplit reserve (model_init keeps 0.5 GiB "
+                                     "per GPU); use the Python or TabbyAPI recipe")
     else:
         gs = []
         if spec.split.mode == "single":
