@@ -13,7 +13,6 @@ import inspect
 import json
 import re
 import shlex
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +74,7 @@ def tabby_layer(value: str) -> tuple[int, int] | None:
 
 def test_recorded_commit_is_the_one_the_recipe_names() -> None:
     assert TABBY_COMMIT == COMMIT
-    assert f"({'main'}, {COMMIT[:7]}" in recipe(spec(), tool="tabby").title
+    assert f"(main, {COMMIT[:7]}," in recipe(spec(), tool="tabby").title
 
 
 @pytest.mark.parametrize("cache", CACHE_MODE_NAMES)
@@ -158,7 +157,6 @@ def test_hostile_paths_survive_yaml_exactly(path: str) -> None:
     assert (m["model_dir"], m["model_name"]) == (head or ".", name)
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_relative_hub_path_gets_the_absolute_path_note() -> None:
     r = recipe(spec(path="Llama-3.1-8B-Instruct-exl3-4.0bpw"), tool="tabby")
     m = yaml.safe_load(r.text)["model"]
