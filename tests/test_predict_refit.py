@@ -60,3 +60,26 @@ def test_speed_fit_uses_one_slope_and_a_per_cache_intercept(entries: list[SpaceE
         assert pred[k][1].low < truth[k] < pred[k][1].high
     unmeasured = pred["4.0|q8"][1]  # q8 never measured: wide interval
     assert unmeasured.high / unmeasured.low > 1.9
+
+
+def test_an_unmeasured_slope_widens_the_speed_interval_with_the_distance(entries: list[SpaceEntry]) -> None:
+    # one measurement per cache at different sizes: the slope is the prior's, not a measurement. On a host that reads
+    # weights 30 % slower than the prior's efficiency on this GPU (inside the spread of published hosts), the prior
+    # slope mispredicts the other sizes; the interval must still hold the truth instead of claiming +-4 %.
+    from optimizer.predict.gpus import find_gpu
+    from optimizer.predict.speed import ENGINES
+
+    prior_slope = 1 / (ENGINES["exl2"].eta_w.value * find_gpu("RTX 4090").bandwidth)  # seconds per weight byte
+    p = SpacePredictor(entries, gpus=["RTX 4090"])
+    w = {e.key: sum(d.weights for d in e.verdict.devices) for e in entries}
+    truth = {k: 1 / (1.3 * prior_slope * w[k] + (1.1e-4 if k.endswith("q4") else 1e-4)) for k in w}
+    pred = p.refit([Observation(k, None, truth[k]) for k in ("6.0|fp16", "3.0|q4")])
+    for k in ("3.0|fp16", "6.0|q4"):
+        s = pred[k][1]
+        assert s.low < truth[k] < s.high, (k, s, truth[k])
+    near, far = pred["5.0|fp16"][1], pred["3.0|fp16"][1]  # further from fp16's measured 6.0 bpw: wider
+    assert far.high / far.low > near.high / near.low > 1.04 / 0.96
+    # with the slope measured (two fp16 sizes), inside the measured sizes the interval is the tight one again
+    pred = p.refit([Observation(k, None, truth[k]) for k in ("6.0|fp16", "3.0|fp16", "3.0|q4")])
+    s = pred["4.0|fp16"][1]
+    assert s.high / s.low == pytest.approx(1.04 / 0.96) and s.low < truth["4.0|fp16"] < s.high

@@ -24,6 +24,9 @@ from optimizer.vram import VramVerdict
 
 #: GPU whose bandwidth stands in when none is named (only the shape matters until a speed is measured).
 STAND_IN_GPU = "RTX 4090"
+#: Relative uncertainty of the prior's bandwidth slope (time per weight byte) while no cache has two measured sizes:
+#: the spread of the fitted weight-read efficiency across engines and GPUs (prediction.md section 3)
+SLOPE_PRIOR_REL = 0.35
 
 
 @dataclass(frozen=True)
@@ -46,21 +49,30 @@ class Observation:
 
 @dataclass(frozen=True)
 class SpeedFit:
-    """Decode time per token fitted on this host: ``slope * W + intercept[cache] + kv_time`` (seconds)."""
+    """Decode time per token fitted on this host: ``slope * W + intercept[cache] + kv_time`` (seconds).
+
+    ``span[cache]``: the smallest and largest weight bytes measured with that cache. ``fitted`` False means no cache
+    had two measured sizes, so ``slope`` is the prior's bandwidth slope, not a measurement."""
 
     slope: float
     intercept: dict[str, float]
-    w_min: float
-    w_max: float
+    span: dict[str, tuple[float, float]]
+    fitted: bool
     prior_ratio: float = 1.0  #: median measured / prior time per token over the measured configurations
 
     def predict(self, cache: str, weights: float, kv_time: float, *, prior: Estimate) -> Estimate:
-        """tok/s for ``weights`` bytes with ``cache``; a mode without an intercept scales the prior time by the measured
-        configurations' median ratio to their priors and gets a +-35 % interval."""
+        """tok/s for ``weights`` bytes with ``cache``: +-4 % inside the sizes measured (with that cache when the slope
+        is the prior's), wider the further outside; with the prior's slope, the slope's own uncertainty
+        (``SLOPE_PRIOR_REL``) times the extrapolated time is added. A mode without an intercept scales the prior time
+        by the measured configurations' median ratio to their priors and gets a +-35 % interval."""
         if cache in self.intercept:
             t = self.slope * weights + self.intercept[cache] + kv_time
-            out = max(0.0, (self.w_min - weights) / self.w_min, (weights - self.w_max) / self.w_max)
+            lo, hi = (min(a for a, _ in self.span.values()), max(b for _, b in self.span.values())) if self.fitted \
+                else self.span[cache]
+            out = max(0.0, (lo - weights) / lo, (weights - hi) / hi)
             rel = 0.04 + 0.3 * out
+            if not self.fitted:
+                rel += SLOPE_PRIOR_REL * self.slope * max(lo - weights, weights - hi, 0.0) / max(t, 1e-9)
         else:
             t = self.prior_ratio / prior.value
             rel = 0.35
@@ -186,11 +198,12 @@ class SpacePredictor:
             num += sum((w - mw) * (t - mt) for w, t in ps)
             den += sum((w - mw) ** 2 for w, _ in ps)
         gpu = find_gpu(self.gpus[0] if self.gpus else STAND_IN_GPU)
-        slope = num / den if den > 0 and num > 0 else 1 / (ENGINES["exl2"].eta_w.value * gpu.bandwidth)
+        fitted = den > 0 and num > 0
+        slope = num / den if fitted else 1 / (ENGINES["exl2"].eta_w.value * gpu.bandwidth)
         b = {c: sum(t for _, t in ps) / len(ps) - slope * sum(w for w, _ in ps) / len(ps) for c, ps in pts.items()}
-        ws = [w for ps in pts.values() for w, _ in ps]
+        span = {c: (min(w for w, _ in ps), max(w for w, _ in ps)) for c, ps in pts.items()}
         ratios.sort()
-        return SpeedFit(slope=slope, intercept=b, w_min=min(ws), w_max=max(ws),
+        return SpeedFit(slope=slope, intercept=b, span=span, fitted=fitted,
                         prior_ratio=ratios[len(ratios) // 2] if ratios else 1.0)
 
     def refit(self, obs: Sequence[Observation] = ()) -> dict[str, tuple[Estimate, Estimate]]:
