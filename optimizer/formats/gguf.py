@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from optimizer.errors import BadOptionError, WeightsHeaderError
@@ -45,7 +45,7 @@ from optimizer.formats.gguf_header import (  # noqa: F401  (re-exported: the hea
     read_header,
     read_header_file,
 )
-from optimizer.formats.gguf_meta import hparams
+from optimizer.formats.gguf_meta import Hparams, hparams
 
 #: KV-cache types llama.cpp accepts (``common/arg.cpp``).
 KV_CACHE_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
@@ -69,25 +69,15 @@ def row_bytes(type_name: str, n: int) -> int:
 
 
 @dataclass(frozen=True)
-class GgufModel:
-    """What the memory rules need from a header (llama.cpp's hparams). Sizes in elements/tokens.
+class GgufModel(Hparams):
+    """What the memory rules need from a header: llama.cpp's validated hparams (:class:`Hparams`, sizes in
+    elements/tokens; ``n_head_kv`` is per layer) plus what the tensors say.
 
-    ``n_head_kv`` is per layer (GGUF allows a scalar or an array). ``layer_bytes[i]`` are the
-    weight bytes of ``blk.i``; ``output_bytes`` those of the output layer (``output_norm`` and
-    ``output.weight``, or a copy of ``token_embd`` when ``tied``); ``embd_bytes`` of ``token_embd``.
+    ``layer_bytes[i]`` are the weight bytes of ``blk.i``; ``output_bytes`` those of the output layer
+    (``output_norm`` and ``output.weight``, or a copy of ``token_embd`` when ``tied``); ``embd_bytes`` of
+    ``token_embd``.
     """
 
-    arch: str
-    n_layer: int
-    n_embd: int
-    n_ff: int
-    n_head: int
-    n_head_kv: tuple[int, ...]
-    head_dim_k: int
-    head_dim_v: int
-    n_vocab: int
-    n_ctx_train: int
-    n_swa: int
     qk_norm: bool
     tied: bool
     layer_bytes: tuple[int, ...]
@@ -134,10 +124,8 @@ def model_from_config(config: Mapping[str, Any], tensors: Any, *, where: str = "
     if tied:
         output += embd
     return GgufModel(
-        arch=hp.arch, n_layer=n_layer, n_embd=hp.n_embd, n_ff=hp.n_ff, n_head=hp.n_head, n_head_kv=hp.n_head_kv,
-        head_dim_k=hp.head_dim_k, head_dim_v=hp.head_dim_v, n_vocab=hp.n_vocab, n_ctx_train=hp.n_ctx_train,
-        n_swa=hp.n_swa, qk_norm="blk.0.attn_q_norm.weight" in names, tied=tied, layer_bytes=tuple(layer),
-        output_bytes=output, embd_bytes=embd, total_bytes=total,
+        **{f.name: getattr(hp, f.name) for f in fields(Hparams)}, qk_norm="blk.0.attn_q_norm.weight" in names,
+        tied=tied, layer_bytes=tuple(layer), output_bytes=output, embd_bytes=embd, total_bytes=total,
     )
 
 
