@@ -13,7 +13,7 @@ from typing import TypeVar
 from optimizer.errors import BadOptionError
 from optimizer.formats import RuntimeOptions, default_cache_modes, rules_for
 from optimizer.variant import Variant
-from optimizer.vram import GIB, MIB, Split, VramVerdict, expand_per_device, place, unplaced, with_margin
+from optimizer.vram import GIB, MIB, Split, VramVerdict, place, split_budgets, unplaced, with_margin
 
 #: Smallest context the automatic grid offers (tokens).
 MIN_AUTO_CONTEXT = 2048
@@ -135,9 +135,8 @@ def evaluate(
     problem = getattr(rules, "config_problem", None)
     why = problem(config.variant, max_seq_len=config.max_seq_len, cache=config.cache, runtime=runtime) if problem else None
     if why:  # the engine cannot run it at all: unplaced, with the reason
-        n = max(config.split.n_devices, 1)
-        return unplaced(budgets=expand_per_device(budget.per_device, n, "budgets"),
-                        overheads=expand_per_device(overhead, n, "overhead_bytes"), reason=why)
+        budgets, overheads = split_budgets(config.split, budget.per_device, overhead)
+        return unplaced(budgets=budgets, overheads=overheads, reason=why)
     plan = rules.variant_plan(config.variant, max_seq_len=config.max_seq_len, cache=config.cache, runtime=runtime)
     return place(plan=plan, split=config.split, budgets=budget.per_device, overhead_bytes=overhead, margin_bytes=margin)
 

@@ -57,6 +57,11 @@ class Split:
             object.__setattr__(self, "reserve_bytes", reserve)
 
     @property
+    def device_count(self) -> int:
+        """GPUs the split uses: 1 for ``single``, else ``n_devices`` (at least 1)."""
+        return 1 if self.mode == "single" else max(self.n_devices, 1)
+
+    @property
     def label(self) -> str:
         """Short label for tables and CSV: ``1gpu``, ``auto:2``, ``10,15``."""
         if self.mode == "single":
@@ -159,9 +164,8 @@ def place(*, plan: MemoryPlan, split: Split, budgets: tuple[int, ...], overhead_
     the longest run of modules whose running requirement (monotone in the run's end) stays within
     its room, found by bisection over the plan's prefix sums.
     """
-    n = max(split.n_devices, 1)
-    budgets = expand_per_device(budgets, n, "budgets")
-    overheads = expand_per_device(overhead_bytes, n, "overhead_bytes")
+    n = split.device_count
+    budgets, overheads = split_budgets(split, budgets, overhead_bytes)
     margins = expand_per_device(margin_bytes, n, "margin_bytes")
     if split.mode == "single":
         return _place_single(plan, budgets[0], overheads[0], margins[0])
@@ -185,6 +189,12 @@ def unplaced(*, budgets: tuple[int, ...], overheads: tuple[int, ...], reason: st
     """
     devs = tuple(DeviceBreakdown(index=i, budget=b, overhead=o) for i, (b, o) in enumerate(zip(budgets, overheads, strict=True)))
     return VramVerdict(devices=devs, placed=False, reason=reason)
+
+
+def split_budgets(split: Split, budgets: tuple[int, ...], overheads: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``budgets`` and ``overheads`` (bytes; one entry, or one per GPU) expanded to the split's GPUs."""
+    n = split.device_count
+    return expand_per_device(budgets, n, "budgets"), expand_per_device(overheads, n, "overhead_bytes")
 
 
 def expand_per_device(values: tuple[int, ...], n: int, what: str) -> tuple[int, ...]:

@@ -24,7 +24,7 @@ from optimizer.formats.exl3 import (
 )
 from optimizer.formats.exl3_place import place
 from optimizer.variant import Variant
-from optimizer.vram import MemoryPlan, ModuleCost, Split, VramVerdict, expand_per_device, unplaced
+from optimizer.vram import MemoryPlan, ModuleCost, Split, VramVerdict, split_budgets, unplaced
 
 FORMAT = "exl3"
 __all__ = [
@@ -111,9 +111,7 @@ def place_config(
     overhead_per_device: tuple[int, ...],
 ) -> VramVerdict:
     """Per-GPU memory of an EXL3 configuration placed as ``Model.load`` places it (bytes)."""
-    n = 1 if split.mode == "single" else max(split.n_devices, 1)
-    budgets = expand_per_device(budget_per_device, n, "budget per GPU")
-    overheads = expand_per_device(overhead_per_device, n, "overhead per GPU")
+    budgets, overheads = split_budgets(split, budget_per_device, overhead_per_device)
     if max_seq_len < PAGE_SIZE or max_seq_len % PAGE_SIZE:  # exllamav3 asserts whole pages: not loadable
         return unplaced(budgets=budgets, overheads=overheads,
                         reason=f"exllamav3 caches are whole {PAGE_SIZE}-token pages; {max_seq_len} is not a multiple")

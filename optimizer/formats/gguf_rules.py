@@ -30,7 +30,7 @@ from optimizer.formats.gguf import (
     split_layers,
 )
 from optimizer.variant import Variant
-from optimizer.vram import GIB, MIB, DeviceBreakdown, MemoryPlan, Split, VramVerdict, expand_per_device, unplaced
+from optimizer.vram import GIB, MIB, DeviceBreakdown, MemoryPlan, Split, VramVerdict, split_budgets, unplaced
 
 FORMAT = "gguf"
 #: KV types offered by default (symmetric) plus the usual mixed pairs.
@@ -117,9 +117,7 @@ def place_config(
     model (e.g. a quantized type whose block size does not divide the head dimension) gives an
     unplaced verdict with the reason instead of an error.
     """
-    n = 1 if split.mode == "single" else max(split.n_devices, 1)
-    budgets = expand_per_device(budget_per_device, n, "budget per GPU")
-    overheads = expand_per_device(overhead_per_device, n, "overhead per GPU")
+    budgets, overheads = split_budgets(split, budget_per_device, overhead_per_device)
     m = model_of(variant)
     s = settings_for(max_seq_len=max_seq_len, cache=cache, runtime=runtime)
     problem = kv_type_problem(m, s)
