@@ -26,6 +26,37 @@ from optimizer.storage import DEFAULT_ROOT, engine_kwargs, first_line, study_dir
 # ----- claim lock --------------------------------------------------------------------------------
 
 
+class _Session:
+    """One database connection of its own (no pool) for advisory locks; closing it frees them on the server."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._engine: Any = None
+        self.conn: Any = None
+
+    def connect(self) -> Any:
+        """The open connection (opened on first use)."""
+        if self.conn is None:
+            import sqlalchemy
+            from sqlalchemy.pool import NullPool
+
+            self._engine = sqlalchemy.create_engine(self._url, poolclass=NullPool,
+                                                    **{k: v for k, v in engine_kwargs(self._url).items()
+                                                       if k == "connect_args"})
+            self.conn = self._engine.connect()
+        return self.conn
+
+    def close(self) -> None:
+        """Close the connection and its engine; errors are ignored (a lost connection is closed already)."""
+        with contextlib.suppress(Exception):
+            if self.conn is not None:
+                self.conn.close()
+        with contextlib.suppress(Exception):
+            if self._engine is not None:
+                self._engine.dispose()
+        self.conn = self._engine = None
+
+
 class ClaimLock:
     """A lock shared by every worker of one study (see module docstring). Re-entrant per process."""
 
@@ -33,8 +64,7 @@ class ClaimLock:
         self._study_name = study_name
         self._url = url
         self._lock_dir = lock_dir
-        self._engine: Any = None
-        self._conn: Any = None
+        self._db = _Session(url) if url else None
         self._fd: int | None = None
         self._depth = 0
         digest = hashlib.sha256(f"exl2opt:{study_name}".encode()).digest()
@@ -49,16 +79,8 @@ class ClaimLock:
         return "file"
 
     def _connect(self) -> Any:
-        if self._conn is None:
-            import sqlalchemy
-            from sqlalchemy.pool import NullPool
-
-            assert self._url is not None
-            self._engine = sqlalchemy.create_engine(self._url, poolclass=NullPool,
-                                                    **{k: v for k, v in engine_kwargs(self._url).items()
-                                                       if k == "connect_args"})
-            self._conn = self._engine.connect()
-        return self._conn
+        assert self._db is not None
+        return self._db.connect()
 
     def acquire(self) -> None:
         if self._depth:
@@ -94,12 +116,13 @@ class ClaimLock:
         import sqlalchemy
 
         try:
-            if self.kind == "postgresql" and self._conn is not None:
-                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
-                self._conn.commit()
-            elif self.kind == "mysql" and self._conn is not None:
-                self._conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": f"exl2opt:{self._study_name}"[:64]})
-                self._conn.commit()
+            conn = self._db.conn if self._db is not None else None
+            if self.kind == "postgresql" and conn is not None:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+                conn.commit()
+            elif self.kind == "mysql" and conn is not None:
+                conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": f"exl2opt:{self._study_name}"[:64]})
+                conn.commit()
             elif self._fd is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
                 os.close(self._fd)
@@ -108,13 +131,8 @@ class ClaimLock:
             self._drop()
 
     def _drop(self) -> None:
-        with contextlib.suppress(Exception):
-            if self._conn is not None:
-                self._conn.close()
-        with contextlib.suppress(Exception):
-            if self._engine is not None:
-                self._engine.dispose()
-        self._conn = self._engine = None
+        if self._db is not None:
+            self._db.close()
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
@@ -212,23 +230,19 @@ class ServerRunLock:
 
     def __init__(self, *, study_name: str, url: str) -> None:
         self._study = study_name
-        self._url = url
-        self._engine: Any = None
-        self._conn: Any = None
+        self._db = _Session(url)
         digest = hashlib.sha256(f"exl2opt-run:{study_name}".encode()).digest()
         self._key = int.from_bytes(digest[:8], "big", signed=True)
 
     def acquire(self, *, exclusive: bool) -> ServerRunLock:
         import sqlalchemy
-        from sqlalchemy.pool import NullPool
 
         fn = "pg_try_advisory_lock" if exclusive else "pg_try_advisory_lock_shared"
         try:
-            self._engine = sqlalchemy.create_engine(self._url, poolclass=NullPool, **{
-                k: v for k, v in engine_kwargs(self._url).items() if k == "connect_args"})
-            self._conn = self._engine.connect()
-            got = bool(self._conn.execute(sqlalchemy.text(f"SELECT {fn}(:k)"), {"k": self._key}).scalar())
-            self._conn.commit()
+            self._db.close()  # a fresh session for every acquire
+            conn = self._db.connect()
+            got = bool(conn.execute(sqlalchemy.text(f"SELECT {fn}(:k)"), {"k": self._key}).scalar())
+            conn.commit()
         except Exception as e:
             self.release()
             raise StorageError(f"cannot take the study's run lock ({type(e).__name__}: {first_line(e)})") from None
@@ -239,13 +253,7 @@ class ServerRunLock:
 
     def release(self) -> None:
         """Close the session (the server releases its advisory locks with it)."""
-        with contextlib.suppress(Exception):
-            if self._conn is not None:
-                self._conn.close()
-        with contextlib.suppress(Exception):
-            if self._engine is not None:
-                self._engine.dispose()
-        self._conn = self._engine = None
+        self._db.close()
 
 
 def lock_dir_for(*, study_name: str, storage_url: str | None, root: Path = DEFAULT_ROOT) -> Path:
